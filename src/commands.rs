@@ -1,0 +1,4 @@
+//! Command-line verbs whose work is more than one library call.
+
+pub mod discover;
+pub mod register;

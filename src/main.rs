@@ -1,0 +1,127 @@
+//! The `weir` command: parses the command line and hands over to the library.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use weir::discovery::EtcdConfig;
+use weir::register::{KeyFormat, RegistrationSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "A gRPC edge gateway with etcd discovery and WebAssembly policies"
+)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `weir=debug`.
+    #[arg(long, global = true, env = "WEIR_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Keep one instance registered in etcd until SIGTERM/SIGINT, then revoke its lease.
+    Register {
+        /// etcd endpoint(s), comma-separated or repeated.
+        #[arg(long, required = true, value_delimiter = ',')]
+        etcd: Vec<String>,
+        #[arg(long, default_value = "/services")]
+        prefix: String,
+        #[arg(long)]
+        service: String,
+        /// The instance's address, host:port.
+        #[arg(long)]
+        addr: String,
+        /// Lease TTL in seconds.
+        #[arg(long, default_value_t = 10)]
+        ttl: i64,
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Metadata, KEY=VALUE; repeat for more.
+        #[arg(long = "meta", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value_t = KeyFormat::Weir)]
+        format: KeyFormat,
+    },
+    /// Print the endpoint sets under a prefix; with --watch, follow them.
+    Discover {
+        #[arg(long, required = true, value_delimiter = ',')]
+        etcd: Vec<String>,
+        #[arg(long, default_value = "/services")]
+        prefix: String,
+        /// One JSON object mapping each service to its endpoints.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing changes until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds to wait for the first listing.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Register {
+            etcd,
+            prefix,
+            service,
+            addr,
+            ttl,
+            weight,
+            meta,
+            format,
+        } => {
+            let mut spec = RegistrationSpec::new(&prefix, &service, &addr);
+            spec.ttl_secs = ttl;
+            spec.weight = weight;
+            spec.metadata = meta.into_iter().collect::<BTreeMap<_, _>>();
+            spec.format = format;
+            weir::commands::register::run(&etcd, spec).await
+        }
+        Command::Discover {
+            etcd,
+            prefix,
+            json,
+            watch,
+            wait,
+        } => {
+            weir::commands::discover::run(weir::commands::discover::DiscoverArgs {
+                config: EtcdConfig::new(etcd, prefix),
+                json,
+                watch,
+                wait: Duration::from_secs(wait),
+            })
+            .await
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Real etcd processes for tests and benchmarks (feature `testkit`).
+//!
+//! Each [`Etcd`] runs one or more members on free loopback ports in its own
+//! temp dir and kills them on drop. Members can be stopped, restarted on the
+//! same ports (same data), or wiped (a new cluster on the same address).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A running etcd (one member, or a cluster).
+pub struct Etcd {
+    dir: TempDir,
+    members: Vec<Member>,
+    binary: PathBuf,
+}
+
+/// Where the `etcd` binary is: `$ETCD_BIN`, else `etcd` on `PATH`.
+fn find_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return path.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("etcd");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "the etcd binary was not found on PATH (or $ETCD_BIN). \
+         `make test` installs it (Debian package etcd-server); tests never skip without it."
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl Etcd {
+    /// One member.
+    pub fn start() -> Etcd {
+        Etcd::start_cluster(1)
+    }
+
+    /// `n` members forming one cluster.
+    pub fn start_cluster(n: usize) -> Etcd {
+        let binary = find_binary();
+        // Ports are chosen free and then released, which can race with another
+        // process; a member that fails to bind is retried on new ports.
+        for attempt in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("weir-etcd-")
+                .tempdir()
+                .expect("temp dir");
+            let members = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    child: None,
+                })
+                .collect();
+            let mut etcd = Etcd {
+                dir,
+                members,
+                binary: binary.clone(),
+            };
+            let all: Vec<usize> = (0..n).collect();
+            for &i in &all {
+                etcd.spawn_member(i, "new");
+            }
+            match etcd.wait_healthy(&all, Duration::from_secs(20)) {
+                Ok(()) => return etcd,
+                Err(why) if attempt < 4 && why.contains("address already in use") => continue,
+                Err(why) => panic!("etcd did not start: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    pub fn endpoint(&self, member: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[member].client_port)
+    }
+
+    /// Kills every member (as a crash would); data stays.
+    pub fn stop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop_member(i);
+        }
+    }
+
+    pub fn stop_member(&mut self, member: usize) {
+        if let Some(mut child) = self.members[member].child.take() {
+            let _already_dead = child.kill();
+            let _reaped = child.wait();
+        }
+    }
+
+    /// Starts every stopped member again on its ports, with its data.
+    pub fn restart(&mut self) {
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn_member(i, "existing");
+        }
+        if let Err(why) = self.wait_healthy(&stopped, Duration::from_secs(30)) {
+            panic!("etcd did not restart: {why}");
+        }
+    }
+
+    pub fn restart_member(&mut self, member: usize) {
+        self.spawn_member(member, "existing");
+        if let Err(why) = self.wait_healthy(&[member], Duration::from_secs(30)) {
+            panic!("etcd member {member} did not restart: {why}");
+        }
+    }
+
+    /// Stops everything, deletes the data and starts a fresh cluster on the
+    /// same ports: every lease and key is gone and revisions start over.
+    pub fn wipe_and_restart(&mut self) {
+        self.stop();
+        for m in &self.members {
+            let _may_not_exist = std::fs::remove_dir_all(self.dir.path().join(&m.name));
+        }
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        for &i in &all {
+            self.spawn_member(i, "new");
+        }
+        if let Err(why) = self.wait_healthy(&all, Duration::from_secs(30)) {
+            panic!("etcd did not start after the wipe: {why}");
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn_member(&mut self, i: usize, state: &str) {
+        let cluster: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("etcd log file");
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(&self.binary)
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(cluster.join(","))
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--initial-cluster-token")
+            .arg(format!("weir-test-{}", self.dir.path().display()))
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500")
+            .arg("--log-level")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.binary.display()));
+        self.members[i].child = Some(child);
+    }
+
+    fn wait_healthy(&mut self, members: &[usize], limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        for &i in members {
+            loop {
+                if let Some(child) = self.members[i].child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!(
+                            "member {i} exited ({status}): {}",
+                            self.log_tail(i)
+                        ));
+                    }
+                }
+                if health_ok(self.members[i].client_port) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "member {i} not healthy within {limit:?}: {}",
+                        self.log_tail(i)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default();
+        let start = log.len().saturating_sub(2000);
+        log[log
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&j| j >= start)
+            .unwrap_or(0)..]
+            .to_owned()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// etcd's `/health` answers `{"health":"true"}` once the member serves.
+fn health_ok(port: u16) -> bool {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}

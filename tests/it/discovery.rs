@@ -1,0 +1,418 @@
+//! Discovery against a real etcd: events, resets, outages, snapshots, clusters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{CompactionOptions, PutOptions};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use weir::discovery::{watch, DeclaredHealth, EtcdConfig};
+use weir::testkit::Etcd;
+
+use crate::support::{addrs, client, key, wait_on, Discovery, PREFIX};
+
+fn count(
+    m: &prometheus_client::metrics::family::Family<
+        weir::metrics::ReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    reason: &'static str,
+) -> u64 {
+    m.get_or_create(&weir::metrics::ReasonLabel { reason })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_is_visible_to_the_watcher_within_100ms() {
+    let etcd = Etcd::start();
+    let d = Discovery::synced(&etcd).await;
+    let mut c = client(&etcd).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let addr = format!("127.0.0.1:{}", 7000 + i);
+        let began = Instant::now();
+        c.put(key("echo", &addr), "", None).await.unwrap();
+        d.wait(&format!("{addr} to appear"), |t| {
+            addrs(t, "echo").contains(&addr)
+        })
+        .await;
+        slowest = slowest.max(began.elapsed());
+    }
+    assert_eq!(d.addrs("echo").len(), 20);
+    assert!(
+        slowest < Duration::from_millis(100),
+        "slowest put took {slowest:?} to show"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_and_reput_updates_in_place() {
+    let etcd = Etcd::start();
+    let d = Discovery::synced(&etcd).await;
+    let mut c = client(&etcd).await;
+    c.put(
+        key("echo", "127.0.0.1:1"),
+        r#"{"metadata":{"zone":"a"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(key("echo", "127.0.0.1:2"), "", None).await.unwrap();
+    d.wait("two endpoints", |t| addrs(t, "echo").len() == 2)
+        .await;
+    let before = d.table.get("echo").unwrap();
+
+    c.put(
+        key("echo", "127.0.0.1:1"),
+        r#"{"weight":5,"metadata":{"zone":"b"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    d.wait("new metadata", |t| {
+        t.get("echo").unwrap().endpoints[0]
+            .metadata
+            .get("zone")
+            .map(String::as_str)
+            == Some("b")
+    })
+    .await;
+    let after = d.table.get("echo").unwrap();
+    assert_eq!(after.endpoints.len(), 2, "updated in place, not added");
+    assert_eq!(after.endpoints[0].weight, 5);
+    assert!(
+        Arc::ptr_eq(&before.endpoints[1], &after.endpoints[1]),
+        "the other endpoint is untouched"
+    );
+
+    c.delete(key("echo", "127.0.0.1:2"), None).await.unwrap();
+    d.wait("the delete", |t| addrs(t, "echo") == ["127.0.0.1:1"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_removes_the_endpoint_and_its_ttl_counts_down() {
+    let etcd = Etcd::start();
+    let d = Discovery::synced(&etcd).await;
+    let mut c = client(&etcd).await;
+    let lease = c.lease_grant(3, None).await.unwrap().id();
+    c.put(
+        key("echo", "127.0.0.1:1"),
+        "",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    c.put(key("echo", "127.0.0.1:2"), "", None).await.unwrap();
+    d.wait("the leased endpoint with a polled TTL", |t| {
+        t.get("echo").is_some_and(|s| {
+            s.endpoints.iter().any(|e| {
+                e.lease_id() == Some(lease)
+                    && e.lease
+                        .as_ref()
+                        .unwrap()
+                        .remaining_ms()
+                        .is_some_and(|ms| ms > 0 && ms <= 3000)
+            })
+        })
+    })
+    .await;
+    d.wait("the lease to expire", |t| {
+        addrs(t, "echo") == ["127.0.0.1:2"]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_from_a_compacted_revision_resets_to_exactly_the_right_set() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    for i in 1..=4 {
+        c.put(key("echo", &format!("127.0.0.1:{i}")), "", None)
+            .await
+            .unwrap();
+    }
+    let d = Discovery::synced(&etcd).await;
+    d.wait("four endpoints", |t| addrs(t, "echo").len() == 4)
+        .await;
+    let metrics = d.metrics.clone();
+    let table = d.stop().await;
+    let kept = table.get("echo").unwrap().endpoints[0].clone();
+    let stopped_at = table.position().unwrap().revision;
+
+    // While nobody watches: remove two, change one, add a service; then compact.
+    c.delete(key("echo", "127.0.0.1:2"), None).await.unwrap();
+    c.delete(key("echo", "127.0.0.1:3"), None).await.unwrap();
+    c.put(key("echo", "127.0.0.1:4"), r#"{"weight":9}"#, None)
+        .await
+        .unwrap();
+    c.put(key("other", "127.0.0.1:5"), "", None).await.unwrap();
+    let head = c
+        .put(key("other", "127.0.0.1:6"), "", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(head, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    assert!(head > stopped_at + 1);
+
+    let cancel = CancellationToken::new();
+    let task = watch::spawn_watch(
+        client(&etcd).await,
+        table.clone(),
+        EtcdConfig::new(etcd.endpoints(), PREFIX),
+        cancel.clone(),
+    );
+    wait_on(
+        &table,
+        "the reset after compaction",
+        Duration::from_secs(10),
+        |t| t.position().is_some_and(|p| p.revision >= head) && addrs(t, "other").len() == 2,
+    )
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
+
+    assert_eq!(addrs(&table, "echo"), ["127.0.0.1:1", "127.0.0.1:4"]);
+    assert_eq!(addrs(&table, "other"), ["127.0.0.1:5", "127.0.0.1:6"]);
+    assert_eq!(table.get("echo").unwrap().endpoints[1].weight, 9);
+    assert!(
+        Arc::ptr_eq(&kept, &table.get("echo").unwrap().endpoints[0]),
+        "unchanged endpoint kept, not re-created"
+    );
+    assert_eq!(count(&metrics.resyncs, "compacted"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_keeps_the_last_sets_and_nothing_is_lost_or_duplicated() {
+    let mut etcd = Etcd::start();
+    let d = Discovery::synced(&etcd).await;
+    let mut c = client(&etcd).await;
+    for i in 1..=3 {
+        c.put(key("echo", &format!("127.0.0.1:{i}")), "", None)
+            .await
+            .unwrap();
+    }
+    d.wait("three endpoints", |t| addrs(t, "echo").len() == 3)
+        .await;
+
+    etcd.stop();
+    d.wait("the watch to notice", |_| {
+        d.metrics.etcd_connected.get() == 0
+    })
+    .await;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            d.addrs("echo").len(),
+            3,
+            "last known set stays while etcd is down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    etcd.restart();
+    let puts_before = d
+        .metrics
+        .events
+        .get_or_create(&weir::metrics::KindLabel { kind: "put" })
+        .get();
+    // Changed right after the restart, likely before the watch is back: the
+    // resume from the last applied revision must deliver them.
+    let mut c = client(&etcd).await;
+    c.delete(key("echo", "127.0.0.1:1"), None).await.unwrap();
+    c.put(key("echo", "127.0.0.1:4"), "", None).await.unwrap();
+    c.put(key("echo", "127.0.0.1:5"), "", None).await.unwrap();
+    d.wait("changes after the outage", |t| {
+        addrs(t, "echo") == ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4", "127.0.0.1:5"]
+    })
+    .await;
+    d.wait("reconnected", |_| d.metrics.etcd_connected.get() == 1)
+        .await;
+    let puts_after = d
+        .metrics
+        .events
+        .get_or_create(&weir::metrics::KindLabel { kind: "put" })
+        .get();
+    assert_eq!(
+        puts_after - puts_before,
+        2,
+        "each put applied once, none replayed"
+    );
+    assert_eq!(
+        count(&d.metrics.resyncs, "start"),
+        1,
+        "resumed, never re-listed"
+    );
+    assert_eq!(
+        d.metrics
+            .resyncs
+            .get_or_create(&weir::metrics::ReasonLabel {
+                reason: "revision_backwards"
+            })
+            .get(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_with_etcd_down_serves_the_snapshot_then_reconciles() {
+    let mut etcd = Etcd::start();
+    let snapshot = etcd.dir().join("weir-snapshot.json");
+    let mut c = client(&etcd).await;
+    c.put(key("echo", "127.0.0.1:1"), "", None).await.unwrap();
+    c.put(key("echo", "127.0.0.1:2"), r#"{"weight":7}"#, None)
+        .await
+        .unwrap();
+    let d = Discovery::start(etcd.endpoints(), Some(snapshot.clone())).await;
+    d.wait("two endpoints", |t| addrs(t, "echo").len() == 2)
+        .await;
+    crate::support::eventually("the snapshot file", Duration::from_secs(5), || {
+        let s = snapshot.clone();
+        async move { std::fs::read_to_string(&s).is_ok_and(|t| t.contains("127.0.0.1:2")) }
+    })
+    .await;
+    d.stop().await;
+    etcd.stop();
+
+    let d = Discovery::start(etcd.endpoints(), Some(snapshot.clone())).await;
+    assert!(d.table.is_ready(), "ready from the snapshot alone");
+    assert_eq!(d.addrs("echo"), ["127.0.0.1:1", "127.0.0.1:2"]);
+    assert_eq!(d.table.get("echo").unwrap().endpoints[1].weight, 7);
+    assert_eq!(d.metrics.etcd_connected.get(), 0);
+
+    etcd.restart();
+    let mut c = client(&etcd).await;
+    c.delete(key("echo", "127.0.0.1:1"), None).await.unwrap();
+    c.put(key("echo", "127.0.0.1:3"), "", None).await.unwrap();
+    d.wait("reconciled with etcd", |t| {
+        addrs(t, "echo") == ["127.0.0.1:2", "127.0.0.1:3"]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_values_are_skipped_and_counted_and_the_service_keeps_its_endpoints() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    c.put(key("echo", "127.0.0.1:1"), "", None).await.unwrap();
+    c.put(
+        key("echo", "127.0.0.1:2"),
+        r#"{"status":"unhealthy"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let d = Discovery::synced(&etcd).await;
+    d.wait("two endpoints", |t| addrs(t, "echo").len() == 2)
+        .await;
+
+    let bad = [
+        (key("echo", "127.0.0.1:3"), "{not json"),
+        (key("echo", "127.0.0.1:4"), r#"{"addr":""}"#),
+        (
+            key("echo", "127.0.0.1:5"),
+            r#"{"weight":"heavy","metadata":[1]}"#,
+        ),
+        (key("echo", "127.0.0.1:1"), r#"{"Op":0,"Addr":17}"#),
+    ];
+    for (k, v) in &bad {
+        c.put(k.as_str(), *v, None).await.unwrap();
+    }
+    c.put(key("echo", "127.0.0.1:6"), "", None).await.unwrap();
+    d.wait("the good put after the bad ones", |t| {
+        addrs(t, "echo").len() == 3
+    })
+    .await;
+    assert_eq!(
+        d.addrs("echo"),
+        ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:6"]
+    );
+    assert_eq!(d.metrics.skipped_values.get(), 4);
+    let set = d.table.get("echo").unwrap();
+    assert_eq!(
+        set.endpoints[1].health,
+        DeclaredHealth::Unhealthy,
+        "kept, but marked"
+    );
+
+    // A fresh listing (the reset path) skips the same values.
+    let fresh = Discovery::synced(&etcd).await;
+    assert_eq!(fresh.addrs("echo"), ["127.0.0.1:2", "127.0.0.1:6"]);
+    assert_eq!(fresh.metrics.skipped_values.get(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_key_formats_and_bare_addresses_are_read() {
+    let etcd = Etcd::start();
+    let d = Discovery::synced(&etcd).await;
+    let mut c = client(&etcd).await;
+    c.put(
+        format!("{PREFIX}/team/echo/instance-a"),
+        r#"{"Op":0,"Addr":"127.0.0.1:9001","Metadata":{"zone":"z1"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        format!("{PREFIX}/team/echo/instance-b"),
+        "127.0.0.1:9002",
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        key("team/echo", "127.0.0.1:9003"),
+        r#"{"weight":30,"metadata":{"zone":"z2"}}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(format!("{PREFIX}/_policies/rr"), "not an endpoint", None)
+        .await
+        .unwrap();
+    d.wait("three endpoints", |t| addrs(t, "team/echo").len() == 3)
+        .await;
+    let set = d.table.get("team/echo").unwrap();
+    let zones: Vec<_> = set
+        .endpoints
+        .iter()
+        .map(|e| e.metadata.get("zone").cloned())
+        .collect();
+    assert_eq!(zones, [Some("z2".to_owned()), Some("z1".to_owned()), None]);
+    assert!(d.table.get("_policies").is_none());
+    assert_eq!(d.metrics.skipped_values.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_keeps_discovery_working_when_any_one_member_dies() {
+    let mut etcd = Etcd::start_cluster(3);
+    let d = Discovery::synced(&etcd).await;
+    for dead in 0..3 {
+        etcd.stop_member(dead);
+        let alive = (dead + 1) % 3;
+        let c = weir::discovery::connect(&[etcd.endpoint(alive)])
+            .await
+            .unwrap();
+        let addr = format!("127.0.0.1:{}", 8000 + dead);
+        // The put may land during a leader election: retry until etcd accepts it.
+        crate::support::eventually(
+            "a put to the surviving members",
+            Duration::from_secs(10),
+            || {
+                let (mut c, k) = (c.clone(), key("echo", &addr));
+                async move { c.put(k, "", None).await.is_ok() }
+            },
+        )
+        .await;
+        d.wait(&format!("{addr} with member {dead} down"), |t| {
+            addrs(t, "echo").contains(&addr)
+        })
+        .await;
+        etcd.restart_member(dead);
+    }
+    assert_eq!(d.addrs("echo").len(), 3);
+}
