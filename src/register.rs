@@ -72,11 +72,11 @@ impl RegistrationSpec {
                 "status": "healthy",
                 "metadata": self.metadata,
             }),
-            KeyFormat::EtcdNaming => json!({
-                "Op": 0,
-                "Addr": self.addr,
-                "Metadata": self.metadata,
-            }),
+            KeyFormat::EtcdNaming => {
+                let mut metadata = self.metadata.clone();
+                metadata.insert("weight".into(), self.weight.to_string());
+                json!({ "Op": 0, "Addr": self.addr, "Metadata": metadata })
+            }
         }
         .to_string()
     }
@@ -306,6 +306,7 @@ mod tests {
             let mut spec = RegistrationSpec::new("/services/", "echo", "127.0.0.1:7001");
             spec.format = format;
             spec.metadata.insert("zone".into(), "a".into());
+            spec.weight = 25;
             let key = spec.key();
             assert_eq!(key, "/services/echo/127.0.0.1:7001");
             let KeyKind::Endpoint { service, id } =
@@ -316,6 +317,7 @@ mod tests {
             let reg = parse_value(service, id, spec.value().as_bytes()).unwrap();
             assert_eq!(reg.addr, "127.0.0.1:7001");
             assert_eq!(reg.metadata["zone"], "a");
+            assert_eq!(reg.weight, 25);
         }
     }
 

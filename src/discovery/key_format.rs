@@ -5,7 +5,8 @@
 //!    `host:port`, or JSON `{"addr","weight","status","metadata"}` (every field
 //!    optional; the address defaults to the key's last segment).
 //! 2. etcd's gRPC naming (`client/v3/naming/endpoints`): key
-//!    `<prefix>/<service>/<anything>`, value `{"Op":0,"Addr":"host:port","Metadata":...}`.
+//!    `<prefix>/<service>/<anything>`, value `{"Op":0,"Addr":"host:port","Metadata":...}`;
+//!    the format has no weight, so a `weight` field in `Metadata` is read as one.
 //!
 //! In both, the service is everything between the prefix and the last `/`.
 
@@ -121,6 +122,12 @@ pub fn parse_value(service: &str, id: &str, value: &[u8]) -> Result<Registration
         }
         let mut reg = base(v.addr);
         reg.metadata = naming_metadata(v.metadata);
+        // The naming format has no weight field; a `weight` in its metadata stands in.
+        if let Some(w) = reg.metadata.get("weight") {
+            reg.weight = w
+                .parse()
+                .map_err(|_| ValueError::Shape(format!("Metadata.weight {w:?} is not a u32")))?;
+        }
         return checked(reg);
     }
     let v: WeirValue =
@@ -218,12 +225,18 @@ mod tests {
 
     #[test]
     fn naming_format() {
-        let r = parse(r#"{"Op":0,"Addr":"10.1.1.1:50051","Metadata":{"zone":"b","n":3}}"#).unwrap();
+        let r = parse(r#"{"Op":0,"Addr":"10.1.1.1:50051","Metadata":{"zone":"b","n":3,"weight":25}}"#)
+            .unwrap();
+        assert_eq!(r.weight, 25);
         assert_eq!(r.addr, "10.1.1.1:50051");
         assert_eq!(r.metadata.get("zone").map(String::as_str), Some("b"));
         assert_eq!(r.metadata.get("n").map(String::as_str), Some("3"));
         let r = parse(r#"{"Addr":"10.1.1.1:50051","Metadata":null}"#).unwrap();
         assert!(r.metadata.is_empty());
+        assert!(matches!(
+            parse(r#"{"Addr":"10.1.1.1:50051","Metadata":{"weight":"x"}}"#),
+            Err(ValueError::Shape(_))
+        ));
         assert_eq!(
             parse(r#"{"Op":1,"Addr":"10.1.1.1:50051"}"#),
             Err(ValueError::NamingOp(1))

@@ -1,0 +1,44 @@
+# weir's build entry points. `make test` and `make demo` work on a fresh machine:
+# `deps` installs what is missing (Debian packages, the wasm32-wasip2 target).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := etcd-server etcd-client protobuf-compiler
+
+.PHONY: all build deps test lint demo bench-discovery clean
+
+all: build
+
+deps:
+	@missing=""; \
+	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
+	command -v etcdctl >/dev/null || missing="$$missing etcd-client"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+build: deps
+	$(CARGO) build --locked --bins
+
+test: deps
+	$(CARGO) test --locked --all-targets
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+demo: deps
+	$(CARGO) build --locked --bin weir
+	bash examples/discovery-demo.sh
+
+# Discovery at fleet scale: 10,000 instances across 1,000 services (README figures).
+bench-discovery: deps
+	$(CARGO) bench --locked --bench discovery_load
+	$(CARGO) bench --locked --bench discovery_apply -- --noplot
+
+clean:
+	$(CARGO) clean
