@@ -23,9 +23,20 @@ fn fleet() -> ServiceTable {
         .collect();
     let kvs: Vec<Kv<'_>> = keys
         .iter()
-        .map(|(k, v)| Kv { key: k.as_bytes(), value: v.as_bytes(), lease: 0 })
+        .map(|(k, v)| Kv {
+            key: k.as_bytes(),
+            value: v.as_bytes(),
+            lease: 0,
+        })
         .collect();
-    table.reset(&kvs, Position { cluster_id: 1, revision: 1 }, "bench");
+    table.reset(
+        &kvs,
+        Position {
+            cluster_id: 1,
+            revision: 1,
+        },
+        "bench",
+    );
     table
 }
 
@@ -38,8 +49,15 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             table.apply(
-                &[KvChange::Put { key, value: values[n % 2], lease: 0 }],
-                Position { cluster_id: 1, revision: 2 + n as i64 },
+                &[KvChange::Put {
+                    key,
+                    value: values[n % 2],
+                    lease: 0,
+                }],
+                Position {
+                    cluster_id: 1,
+                    revision: 2 + n as i64,
+                },
             );
         })
     });

@@ -49,7 +49,10 @@ async fn main() {
         })
         .collect();
     for chunk in ops.chunks(100) {
-        client.txn(Txn::new().and_then(chunk.to_vec())).await.unwrap();
+        client
+            .txn(Txn::new().and_then(chunk.to_vec()))
+            .await
+            .unwrap();
     }
 
     let rss_before = rss_kib();
@@ -88,7 +91,10 @@ async fn main() {
     tasks.wait().await;
 
     println!("discovery at scale: {instances} instances across {services} services (real etcd 3.4, loopback)");
-    println!("  time to the first complete set: {:.1} ms", first_set.as_secs_f64() * 1e3);
+    println!(
+        "  time to the first complete set: {:.1} ms",
+        first_set.as_secs_f64() * 1e3
+    );
     println!(
         "  resident memory: {:.1} MiB after the listing ({:+.1} MiB for discovery)",
         rss_after as f64 / 1024.0,

@@ -225,8 +225,9 @@ mod tests {
 
     #[test]
     fn naming_format() {
-        let r = parse(r#"{"Op":0,"Addr":"10.1.1.1:50051","Metadata":{"zone":"b","n":3,"weight":25}}"#)
-            .unwrap();
+        let r =
+            parse(r#"{"Op":0,"Addr":"10.1.1.1:50051","Metadata":{"zone":"b","n":3,"weight":25}}"#)
+                .unwrap();
         assert_eq!(r.weight, 25);
         assert_eq!(r.addr, "10.1.1.1:50051");
         assert_eq!(r.metadata.get("zone").map(String::as_str), Some("b"));
