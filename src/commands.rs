@@ -2,3 +2,4 @@
 
 pub mod discover;
 pub mod register;
+pub mod serve;

@@ -14,10 +14,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod balance;
 pub mod commands;
+pub mod config;
 pub mod discovery;
+#[cfg(feature = "testkit")]
+pub mod example;
 pub mod metrics;
+pub mod proxy;
 pub mod register;
+pub mod server;
+pub mod tls;
+pub mod upstream;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -25,6 +25,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The configuration file (TOML); see the README for every key.
+        #[arg(long, default_value = "weir.toml")]
+        config: std::path::PathBuf,
+    },
     /// Keep one instance registered in etcd until SIGTERM/SIGINT, then revoke its lease.
     Register {
         /// etcd endpoint(s), comma-separated or repeated.
@@ -91,6 +97,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Serve { config } => weir::commands::serve::run(&config).await,
         Command::Register {
             etcd,
             prefix,

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,5 +72,118 @@ impl DiscoveryMetrics {
             m.snapshot_failures.clone(),
         );
         m
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub service: String,
+    pub backend: String,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub backend: String,
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// What the data path records.
+#[derive(Clone, Debug)]
+pub struct ProxyMetrics {
+    /// Calls by service, backend (`-` when none was reached) and gRPC status.
+    pub calls: Family<CallLabels, Counter>,
+    pub call_duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    pub retries: Family<ServiceLabel, Counter>,
+    /// Retries refused because the global retry budget was spent.
+    pub retries_budget_exhausted: Counter,
+    pub ejections: Family<BackendLabel, Counter>,
+    /// Calls routed to every endpoint because none was usable.
+    pub panic_mode: Family<ServiceLabel, Counter>,
+    pub health_checks: Family<HealthLabels, Counter>,
+    pub active_calls: Gauge,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            calls: Family::default(),
+            call_duration: Family::new_with_constructor(latency_histogram),
+            retries: Family::default(),
+            retries_budget_exhausted: Counter::default(),
+            ejections: Family::default(),
+            panic_mode: Family::default(),
+            health_checks: Family::default(),
+            active_calls: Gauge::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ProxyMetrics::default();
+        let r = registry.sub_registry_with_prefix("weir");
+        r.register(
+            "calls",
+            "gRPC calls by service, backend and status",
+            m.calls.clone(),
+        );
+        r.register(
+            "call_duration_seconds",
+            "call latency, first byte in to last byte out",
+            m.call_duration.clone(),
+        );
+        r.register(
+            "retries",
+            "calls sent again to another backend",
+            m.retries.clone(),
+        );
+        r.register(
+            "retries_budget_exhausted",
+            "retries refused because the retry budget was spent",
+            m.retries_budget_exhausted.clone(),
+        );
+        r.register(
+            "ejections",
+            "backends ejected after consecutive failures",
+            m.ejections.clone(),
+        );
+        r.register(
+            "panic_mode",
+            "calls routed to all endpoints because none was usable",
+            m.panic_mode.clone(),
+        );
+        r.register(
+            "health_checks",
+            "active health-check results",
+            m.health_checks.clone(),
+        );
+        r.register("active_calls", "calls in flight", m.active_calls.clone());
+        m
+    }
+
+    pub fn health_check(&self, backend: &str, result: crate::upstream::CheckedHealth) {
+        self.health_checks
+            .get_or_create(&HealthLabels {
+                backend: backend.to_owned(),
+                result: result.as_str(),
+            })
+            .inc();
     }
 }

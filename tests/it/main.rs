@@ -2,5 +2,6 @@
 
 mod demo;
 mod discovery;
+mod proxy;
 mod register;
 mod support;

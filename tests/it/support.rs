@@ -133,3 +133,5 @@ pub async fn wait_on(
         let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), changes.changed()).await;
     }
 }
+
+pub mod gateway;

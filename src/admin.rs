@@ -1,0 +1,147 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`,
+//! `/readyz` (ready once the first etcd listing or the snapshot is loaded),
+//! and JSON views: `/routes`, `/services` (endpoints with live load and health).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::discovery::ServiceTable;
+use crate::proxy::Proxy;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub table: Arc<ServiceTable>,
+    pub proxy: Arc<Proxy>,
+    pub config: Arc<Config>,
+}
+
+pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(err) = conn.await {
+                tracing::debug!(cause = %err, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(err) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    err.to_string(),
+                ),
+            }
+        }
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.table.is_ready() => {
+            reply(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        "/readyz" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for the first etcd listing\n".into(),
+        ),
+        "/routes" => json_reply(routes(state)),
+        "/services" => json_reply(services(state)),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics /healthz /readyz /routes /services\n".into(),
+        ),
+    }
+}
+
+fn routes(state: &AdminState) -> Value {
+    let routes: Vec<Value> = state
+        .config
+        .routes
+        .iter()
+        .map(|r| json!({ "match": r.path, "service": r.service, "policy": r.policy, "retries": r.retries }))
+        .collect();
+    json!({ "routes": routes, "unrouted": "calls go to the etcd service named after their gRPC service" })
+}
+
+fn services(state: &AdminState) -> Value {
+    let backends = &state.proxy.shared().backends;
+    let mut out = serde_json::Map::new();
+    for (name, set) in state.table.services() {
+        let endpoints: Vec<Value> = set
+            .endpoints
+            .iter()
+            .map(|e| {
+                let mut v = e.to_json();
+                if let Some(b) = backends.find(&e.addr) {
+                    v["backend"] = json!({
+                        "active_requests": b.load.active(),
+                        "latency_ewma_us": b.load.latency_ewma_us(),
+                        "successes": b.load.successes(),
+                        "failures": b.load.failures(),
+                        "health": b.health().as_str(),
+                        "ejected": b.outlier.is_ejected(),
+                        "connected": b.pool.is_connected(),
+                    });
+                }
+                v
+            })
+            .collect();
+        out.insert(
+            name.to_string(),
+            json!({ "generation": set.generation, "endpoints": endpoints }),
+        );
+    }
+    Value::Object(out)
+}
+
+fn json_reply(v: Value) -> Response<Full<Bytes>> {
+    reply(StatusCode::OK, "application/json", format!("{v:#}\n"))
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}

@@ -1,0 +1,49 @@
+//! The seam where a policy picks the backend of a call.
+//!
+//! A [`Balancer`] sees the call and the usable candidates and returns the
+//! position of its choice among them. [`RoundRobin`] is the native policy
+//! and the fallback whenever a policy fails.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::HeaderMap;
+
+use crate::proxy::services::Members;
+
+/// One call, as a policy sees it.
+pub struct PickContext<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+    pub headers: &'a HeaderMap,
+    pub members: &'a Members,
+    /// Positions in `members` that may be picked (usable, not yet tried).
+    pub candidates: &'a [usize],
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PickError(pub String);
+
+pub trait Balancer: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    /// Returns a position in `ctx.candidates`.
+    fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError>;
+}
+
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Balancer for RoundRobin {
+    fn name(&self) -> &str {
+        "round-robin"
+    }
+
+    fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
+        if ctx.candidates.is_empty() {
+            return Err(PickError("no candidates".into()));
+        }
+        Ok(self.next.fetch_add(1, Ordering::Relaxed) % ctx.candidates.len())
+    }
+}

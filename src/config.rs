@@ -1,0 +1,394 @@
+//! `weir serve`'s configuration file (TOML): every key, its default, and the
+//! checks that run once at start. An invalid file is an error naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listener.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, JSON views).
+    #[serde(default = "defaults::admin")]
+    pub admin: SocketAddr,
+    /// How long calls in flight may finish after SIGTERM.
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// TLS (ALPN h2) on the gRPC listener; cleartext h2 without it.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub etcd: EtcdSection,
+    #[serde(default)]
+    pub upstream: UpstreamSection,
+    #[serde(default)]
+    pub retry: RetrySection,
+    #[serde(default)]
+    pub health_check: HealthCheckSection,
+    #[serde(default)]
+    pub outlier: OutlierSection,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    #[serde(default = "defaults::etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    #[serde(default = "defaults::prefix")]
+    pub prefix: String,
+    /// Where the last known endpoint sets are saved; none by default.
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    #[serde(default = "defaults::lease_polls_per_second")]
+    pub lease_polls_per_second: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// HTTP/2 connections kept to each backend; calls are multiplexed on them.
+    #[serde(default = "defaults::connections_per_backend")]
+    pub connections_per_backend: usize,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval on upstream connections.
+    #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "defaults::keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    /// Retries allowed as a share of calls (across the gateway), in percent.
+    #[serde(default = "defaults::budget_percent")]
+    pub budget_percent: f32,
+    /// Retries always allowed per second, whatever the share.
+    #[serde(default = "defaults::min_retries_per_second")]
+    pub min_per_second: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    #[serde(default = "defaults::health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "defaults::health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive SERVING answers that make an unhealthy backend healthy.
+    #[serde(default = "defaults::healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failed checks that make a backend unhealthy.
+    #[serde(default = "defaults::unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// The service name sent in `grpc.health.v1.HealthCheckRequest` ("" = the whole server).
+    #[serde(default)]
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSection {
+    /// Consecutive failed calls (unreachable, reset, UNAVAILABLE) that eject a backend.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection's length; each further ejection of the same backend adds as much.
+    #[serde(default = "defaults::base_ejection_time", with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    #[serde(default = "defaults::max_ejection_time", with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+    /// At most this share of a service's endpoints is ejected at once (at least one).
+    #[serde(default = "defaults::max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A gRPC path prefix (`/pkg.Service/`) or a full method path (`/pkg.Service/Method`).
+    #[serde(rename = "match")]
+    pub path: String,
+    /// The etcd service name.
+    pub service: String,
+    #[serde(default = "defaults::policy")]
+    pub policy: String,
+    /// Retries of a call that never reached a backend.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn listen() -> SocketAddr {
+        "127.0.0.1:50050".parse().expect("valid")
+    }
+    pub fn admin() -> SocketAddr {
+        "127.0.0.1:9901".parse().expect("valid")
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn etcd_endpoints() -> Vec<String> {
+        vec!["http://127.0.0.1:2379".into()]
+    }
+    pub fn prefix() -> String {
+        "/services".into()
+    }
+    pub fn lease_polls_per_second() -> u32 {
+        100
+    }
+    pub fn connections_per_backend() -> usize {
+        1
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn keepalive_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn keepalive_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn budget_percent() -> f32 {
+        20.0
+    }
+    pub fn min_retries_per_second() -> u32 {
+        10
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn healthy_threshold() -> u32 {
+        1
+    }
+    pub fn unhealthy_threshold() -> u32 {
+        2
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn base_ejection_time() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_ejection_time() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_ejection_percent() -> u32 {
+        50
+    }
+    pub fn policy() -> String {
+        "round-robin".into()
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+}
+
+macro_rules! default_section {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_section!(
+    EtcdSection,
+    UpstreamSection,
+    RetrySection,
+    HealthCheckSection,
+    OutlierSection
+);
+
+/// Policies the data path knows today. The WebAssembly policy host adds to these.
+pub const BUILTIN_POLICIES: &[&str] = &["round-robin"];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let config: Config =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: e.path().to_string(),
+                message: e.inner().message().to_owned(),
+            })?;
+        config
+            .check()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), (String, String)> {
+        let fail = |key: String, msg: &str| Err((key, msg.to_owned()));
+        if self.etcd.endpoints.is_empty() {
+            return fail(
+                "etcd.endpoints".into(),
+                "at least one etcd endpoint is needed",
+            );
+        }
+        if self.etcd.lease_polls_per_second == 0 {
+            return fail("etcd.lease_polls_per_second".into(), "must be at least 1");
+        }
+        if self.upstream.connections_per_backend == 0 {
+            return fail(
+                "upstream.connections_per_backend".into(),
+                "must be at least 1",
+            );
+        }
+        if !(0.0..=100.0).contains(&self.retry.budget_percent) {
+            return fail("retry.budget_percent".into(), "must be between 0 and 100");
+        }
+        if self.health_check.healthy_threshold == 0 || self.health_check.unhealthy_threshold == 0 {
+            return fail("health_check".into(), "thresholds must be at least 1");
+        }
+        if self.outlier.max_ejection_percent > 100 {
+            return fail("outlier.max_ejection_percent".into(), "must be at most 100");
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("route[{i}].{field}");
+            let segments: Vec<&str> = route.path.split('/').collect();
+            // "/pkg.Service/" or "/pkg.Service/Method"
+            if !route.path.starts_with('/') || segments.len() != 3 || segments[1].is_empty() {
+                return fail(
+                    key("match"),
+                    "must be `/pkg.Service/` or `/pkg.Service/Method`",
+                );
+            }
+            if route.service.is_empty() || route.service.starts_with('_') {
+                return fail(
+                    key("service"),
+                    "must be a non-empty etcd service name not starting with `_`",
+                );
+            }
+            if !BUILTIN_POLICIES.contains(&route.policy.as_str()) {
+                return Err((
+                    key("policy"),
+                    format!(
+                        "unknown policy {:?}; known: {}",
+                        route.policy,
+                        BUILTIN_POLICIES.join(", ")
+                    ),
+                ));
+            }
+            if self.routes[..i].iter().any(|r| r.path == route.path) {
+                return fail(key("match"), "the same match appears in an earlier route");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("weir.toml"))
+    }
+
+    #[test]
+    fn the_documented_example_parses_and_defaults_fill_the_rest() {
+        let c = parse(
+            r#"
+            listen = "127.0.0.1:50050"
+            admin  = "127.0.0.1:9901"
+            [etcd]
+            endpoints = ["http://127.0.0.1:2379"]
+            prefix = "/services"
+            [[route]]
+            match = "/grpc.testing.TestService/"
+            service = "interop"
+            policy = "round-robin"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].service, "interop");
+        assert_eq!(c.routes[0].retries, 2);
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.outlier.consecutive_failures, 5);
+        assert!(c.health_check.enabled);
+        let empty = parse("").unwrap();
+        assert_eq!(empty.listen.to_string(), "127.0.0.1:50050");
+        assert_eq!(empty.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let msg = |t: &str| parse(t).unwrap_err().to_string();
+        assert!(
+            msg("[upstream]\nconect_timeout = \"1s\"").contains("upstream"),
+            "{}",
+            msg("[upstream]\nconect_timeout = \"1s\"")
+        );
+        assert!(msg("[upstream]\nconnect_timeout = \"soon\"").contains("upstream.connect_timeout"));
+        assert!(
+            msg("[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"nope\"")
+                .contains("route[0].policy")
+        );
+        assert!(msg("[[route]]\nmatch = \"a.B\"\nservice = \"s\"").contains("route[0].match"));
+        assert!(msg("[[route]]\nmatch = \"/a.B/\"\nservice = 3").contains("route[0].service"));
+        assert!(msg("listen = \"nowhere\"").contains("listen"));
+        assert!(msg("[etcd]\nendpoints = []").contains("etcd.endpoints"));
+    }
+}

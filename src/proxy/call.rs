@@ -1,0 +1,75 @@
+//! The record of one call on one backend: load, outcome metrics, and outlier
+//! detection, settled when the response ends or the client goes away.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::services::{Member, ServiceRuntime};
+use super::status;
+use super::Shared;
+
+pub struct CallRecord {
+    shared: Arc<Shared>,
+    service: Arc<ServiceRuntime>,
+    member: Arc<Member>,
+    started: Instant,
+    status: Option<u32>,
+}
+
+impl CallRecord {
+    pub fn start(
+        shared: Arc<Shared>,
+        service: Arc<ServiceRuntime>,
+        member: Arc<Member>,
+        started: Instant,
+    ) -> Self {
+        member.backend.load.start();
+        shared.metrics.active_calls.inc();
+        CallRecord {
+            shared,
+            service,
+            member,
+            started,
+            status: None,
+        }
+    }
+
+    pub fn backend_addr(&self) -> &str {
+        &self.member.backend.addr
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service.name
+    }
+
+    /// The call's gRPC status. `_from_backend` tells whether the backend said
+    /// it or the gateway decided it (deadline, reset).
+    pub fn set_status(&mut self, code: u32, _from_backend: bool) {
+        self.status.get_or_insert(code);
+    }
+
+    /// The response ended without trailers: if no status came in the headers
+    /// either, the backend broke the protocol.
+    pub fn finish_without_trailers(&mut self) {
+        self.status.get_or_insert(status::INTERNAL);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // No status: the client went away first.
+        let code = self.status.unwrap_or(status::CANCELLED);
+        let latency = self.started.elapsed();
+        let backend = &self.member.backend;
+        backend.load.finish(latency, code == status::OK);
+        self.shared.metrics.active_calls.dec();
+        self.member.count_call(code);
+        self.service.latency.observe(latency.as_secs_f64());
+        match code {
+            status::UNAVAILABLE => self.shared.backend_failed(&self.service, &self.member),
+            status::CANCELLED => {}
+            _ => backend.outlier.record_success(),
+        }
+    }
+}

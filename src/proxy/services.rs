@@ -1,0 +1,176 @@
+//! The data path's view of each service: its endpoints joined with their
+//! backends, rebuilt only when the endpoint set changes (never per call).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::balance::RoundRobin;
+use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet, ServiceSlot, ServiceTable};
+use crate::metrics::{CallLabels, ProxyMetrics, ServiceLabel};
+use crate::upstream::{Backend, Backends};
+
+use super::status::NAMES;
+
+/// One endpoint of a service, with its backend and its call counters.
+pub struct Member {
+    pub endpoint: Arc<Endpoint>,
+    pub backend: Arc<Backend>,
+    calls: Vec<Counter>,
+}
+
+impl Member {
+    /// May a call be routed here (declared healthy, passing checks, not ejected)?
+    pub fn is_usable(&self) -> bool {
+        self.endpoint.health == DeclaredHealth::Healthy && self.backend.is_usable()
+    }
+
+    pub fn count_call(&self, code: u32) {
+        if let Some(c) = self.calls.get(code as usize) {
+            c.inc();
+        }
+    }
+}
+
+/// A service's members at one generation of its endpoint set.
+pub struct Members {
+    set: Arc<EndpointSet>,
+    pub list: Vec<Arc<Member>>,
+}
+
+impl Members {
+    pub fn generation(&self) -> u64 {
+        self.set.generation
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Everything the data path keeps per service.
+pub struct ServiceRuntime {
+    pub name: Arc<str>,
+    slot: Arc<ServiceSlot>,
+    members: ArcSwap<Members>,
+    /// The built-in round-robin: the policy of unrouted calls, and the
+    /// fallback when a policy fails.
+    pub fallback: RoundRobin,
+    pub latency: Histogram,
+    pub panic_mode: Counter,
+    pub retries: Counter,
+}
+
+impl ServiceRuntime {
+    /// The current members; rebuilt here when the endpoint set has changed.
+    pub fn members(&self, backends: &Backends, metrics: &ProxyMetrics) -> Arc<Members> {
+        let set = self.slot.load();
+        let current = self.members.load_full();
+        if Arc::ptr_eq(&current.set, &set) {
+            return current;
+        }
+        let old: HashMap<&str, &Arc<Member>> =
+            current.list.iter().map(|m| (&*m.endpoint.key, m)).collect();
+        let list = set
+            .endpoints
+            .iter()
+            .map(|e| match old.get(&*e.key) {
+                Some(m) if Arc::ptr_eq(&m.endpoint, e) => Arc::clone(m),
+                _ => {
+                    let backend = backends.get(&e.addr);
+                    let calls = NAMES
+                        .iter()
+                        .map(|code| {
+                            metrics
+                                .calls
+                                .get_or_create(&CallLabels {
+                                    service: self.name.to_string(),
+                                    backend: e.addr.to_string(),
+                                    code,
+                                })
+                                .clone()
+                        })
+                        .collect();
+                    Arc::new(Member {
+                        endpoint: e.clone(),
+                        backend,
+                        calls,
+                    })
+                }
+            })
+            .collect();
+        let fresh = Arc::new(Members { set, list });
+        self.members.store(fresh.clone());
+        fresh
+    }
+}
+
+/// Service runtimes by name: created for routes at start, and on first use
+/// for services reached by name (only if etcd knows them, so client paths
+/// cannot grow this map).
+pub struct ServiceRuntimes {
+    table: Arc<ServiceTable>,
+    map: ArcSwap<HashMap<Arc<str>, Arc<ServiceRuntime>>>,
+    writer: Mutex<()>,
+    metrics: ProxyMetrics,
+}
+
+impl ServiceRuntimes {
+    pub fn new(table: Arc<ServiceTable>, metrics: ProxyMetrics) -> Self {
+        ServiceRuntimes {
+            table,
+            map: ArcSwap::from_pointee(HashMap::new()),
+            writer: Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// The runtime of a service etcd knows, or `None`.
+    pub fn known(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
+        if let Some(rt) = self.map.load().get(name) {
+            return Some(rt.clone());
+        }
+        self.table.get(name)?;
+        Some(self.create(name))
+    }
+
+    /// The runtime of `name`, created (empty) if etcd does not know it yet.
+    pub fn create(&self, name: &str) -> Arc<ServiceRuntime> {
+        let _writer = self.writer.lock().expect("runtimes poisoned");
+        if let Some(rt) = self.map.load().get(name) {
+            return rt.clone();
+        }
+        let slot = self.table.slot(name);
+        let set = slot.load();
+        let label = ServiceLabel {
+            service: name.to_owned(),
+        };
+        let rt = Arc::new(ServiceRuntime {
+            name: name.into(),
+            members: ArcSwap::from_pointee(Members {
+                set: Arc::new(EndpointSet::empty(set.service.clone())),
+                list: Vec::new(),
+            }),
+            slot,
+            fallback: RoundRobin::default(),
+            latency: self.metrics.call_duration.get_or_create(&label).clone(),
+            panic_mode: self.metrics.panic_mode.get_or_create(&label).clone(),
+            retries: self.metrics.retries.get_or_create(&label).clone(),
+        });
+        let mut map = HashMap::clone(&self.map.load());
+        map.insert(rt.name.clone(), rt.clone());
+        self.map.store(Arc::new(map));
+        rt
+    }
+
+    pub fn all(&self) -> Vec<Arc<ServiceRuntime>> {
+        self.map.load().values().cloned().collect()
+    }
+}

@@ -1,0 +1,257 @@
+//! `weir serve`: puts discovery, the upstreams and the proxy together behind
+//! the gRPC listener and the admin listener, and drains on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::{Balancer, RoundRobin};
+use crate::config::{Config, RouteConfig};
+use crate::discovery::{self, EtcdConfig, LeasePollConfig, ServiceTable};
+use crate::metrics::{DiscoveryMetrics, ProxyMetrics};
+use crate::proxy::router::Router;
+use crate::proxy::services::ServiceRuntimes;
+use crate::proxy::{Proxy, Shared};
+use crate::upstream::{health, Backends, PoolConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("etcd client: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub table: Arc<ServiceTable>,
+    pub proxy: Arc<Proxy>,
+    /// Stops accepting and drains connections.
+    stop: CancellationToken,
+    /// Stops the background tasks (discovery, health checks, admin).
+    background: CancellationToken,
+    connections: TaskTracker,
+    tasks: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let mut registry = Registry::default();
+        let discovery_metrics = DiscoveryMetrics::register(&mut registry);
+        let proxy_metrics = ProxyMetrics::register(&mut registry);
+        let background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let mut etcd = EtcdConfig::new(config.etcd.endpoints.clone(), config.etcd.prefix.clone());
+        etcd.snapshot = config.etcd.snapshot.clone();
+        etcd.lease_poll = LeasePollConfig {
+            polls_per_second: config.etcd.lease_polls_per_second,
+            ..Default::default()
+        };
+        let table = discovery::start(&etcd, discovery_metrics, &tasks, background.clone()).await?;
+
+        let backends = Arc::new(Backends::new(PoolConfig {
+            connections: config.upstream.connections_per_backend,
+            connect_timeout: config.upstream.connect_timeout,
+            keepalive_interval: config.upstream.keepalive_interval,
+            keepalive_timeout: config.upstream.keepalive_timeout,
+        }));
+        let shared = Arc::new(Shared::new(
+            proxy_metrics.clone(),
+            backends.clone(),
+            config.outlier.clone(),
+            &config.retry,
+        ));
+        let services = Arc::new(ServiceRuntimes::new(table.clone(), proxy_metrics.clone()));
+        let router = Router::new(&config.routes, &services, native_policy);
+        let proxy = Arc::new(Proxy::new(shared, router, services));
+        tasks.spawn(keep_members_current(
+            proxy.clone(),
+            table.clone(),
+            background.clone(),
+        ));
+        if config.health_check.enabled {
+            tasks.spawn(health::spawn_health_checks(
+                backends,
+                config.health_check.clone(),
+                proxy_metrics,
+                background.clone(),
+            ));
+        }
+
+        let tls = match &config.tls {
+            Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key).map_err(StartError::Tls)?),
+            None => None,
+        };
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin,
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            addr: config.admin,
+            source,
+        })?;
+
+        let stop = CancellationToken::new();
+        let connections = TaskTracker::new();
+        tasks.spawn(accept(
+            grpc,
+            tls,
+            proxy.clone(),
+            connections.clone(),
+            stop.clone(),
+        ));
+        let admin_state = crate::admin::AdminState {
+            registry: Arc::new(registry),
+            table: table.clone(),
+            proxy: proxy.clone(),
+            config: Arc::new(config.clone()),
+        };
+        tasks.spawn(crate::admin::serve(admin, admin_state, background.clone()));
+        tracing::info!(%grpc_addr, %admin_addr, tls = config.tls.is_some(), "weir serving");
+        Ok(Gateway {
+            grpc_addr,
+            admin_addr,
+            table,
+            proxy,
+            stop,
+            background,
+            connections,
+            tasks,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// Stops accepting, sends GOAWAY, lets calls in flight finish up to the
+    /// drain timeout, then stops everything.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.connections.close();
+        if tokio::time::timeout(self.drain_timeout, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout: closing connections with calls still in flight");
+        }
+        self.background.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Rebuilds the members of every service the data path knows (routed, or
+/// called before) as soon as discovery changes them, so their backends are
+/// health-checked before they take calls and no call pays for the rebuild.
+async fn keep_members_current(
+    proxy: Arc<Proxy>,
+    table: Arc<ServiceTable>,
+    cancel: CancellationToken,
+) {
+    let mut changes = table.subscribe();
+    loop {
+        let shared = proxy.shared();
+        for service in proxy.services().all() {
+            service.members(&shared.backends, &shared.metrics);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Policies the data path knows before WebAssembly policies: round-robin.
+fn native_policy(_route: &RouteConfig) -> Arc<dyn Balancer> {
+    Arc::new(RoundRobin::default())
+}
+
+async fn accept(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(cause = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        match tls.clone() {
+            None => connections.spawn(serve_connection(stream, proxy, stop)),
+            Some(acceptor) => connections.spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, proxy, stop).await,
+                    Ok(Err(err)) => tracing::debug!(%peer, cause = %err, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }),
+        };
+    }
+}
+
+async fn serve_connection<IO>(io: IO, proxy: Arc<Proxy>, stop: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(1000)
+        .keep_alive_interval(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let outcome = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = outcome {
+        tracing::debug!(cause = %err, "client connection ended with an error");
+    }
+}

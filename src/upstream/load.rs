@@ -1,0 +1,118 @@
+//! Per-backend load: active requests, a peak-EWMA of latency, and outcome counts.
+//! These are the numbers balancing policies read.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How fast the latency average forgets (the decay's time constant).
+const DECAY: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct Load {
+    active: AtomicU32,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    ewma: Mutex<PeakEwma>,
+}
+
+#[derive(Debug)]
+struct PeakEwma {
+    micros: f64,
+    at: Instant,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            active: AtomicU32::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma {
+                micros: 0.0,
+                at: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Load {
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn start(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends a call started with [`Load::start`].
+    pub fn finish(&self, latency: Duration, success: bool) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        if success {
+            self.successes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.observe(latency);
+    }
+
+    /// Peak-EWMA: a slower call than the average takes over at once; faster
+    /// ones pull it down with a time-based decay (as in Finagle and linkerd).
+    fn observe(&self, latency: Duration) {
+        let sample = latency.as_secs_f64() * 1e6;
+        let now = Instant::now();
+        let mut e = self.ewma.lock().expect("ewma poisoned");
+        if sample > e.micros {
+            e.micros = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-elapsed / DECAY.as_secs_f64()).exp();
+            e.micros = e.micros * w + sample * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    /// The latency average in microseconds.
+    pub fn latency_ewma_us(&self) -> u32 {
+        self.ewma
+            .lock()
+            .expect("ewma poisoned")
+            .micros
+            .min(u32::MAX as f64) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_up_and_decays_down() {
+        let load = Load::default();
+        load.start();
+        load.finish(Duration::from_millis(100), true);
+        assert_eq!(load.latency_ewma_us(), 100_000);
+        tokio::time::advance(DECAY).await;
+        load.start();
+        load.finish(Duration::from_millis(10), true);
+        let after = load.latency_ewma_us();
+        assert!(
+            (40_000..50_000).contains(&after),
+            "decayed toward the faster sample: {after}"
+        );
+        assert_eq!(
+            (load.active(), load.successes(), load.failures()),
+            (0, 2, 0)
+        );
+    }
+}
