@@ -4,7 +4,6 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := etcd-server etcd-client protobuf-compiler
 
 .PHONY: all build deps test lint demo bench-discovery clean
 
@@ -15,6 +14,7 @@ deps:
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null || missing="$$missing etcd-client"; \
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -32,8 +32,8 @@ lint: deps
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 demo: deps
-	$(CARGO) build --locked --bin weir
-	bash examples/discovery-demo.sh
+	$(CARGO) build --locked --bin weir --example echo_server --example echo_client
+	bash examples/demo.sh
 
 # Discovery at fleet scale: 10,000 instances across 1,000 services (README figures).
 bench-discovery: deps
