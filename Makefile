@@ -21,10 +21,17 @@ deps:
 	fi
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+# A gRPC client nobody here wrote, for the interop test: Python grpcio.
+PY_ENV := .venv/.grpcio-installed
+$(PY_ENV):
+	python3 -m venv .venv || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && python3 -m venv .venv; }
+	.venv/bin/pip install -q --disable-pip-version-check grpcio grpcio-tools
+	touch $@
+
 build: deps
 	$(CARGO) build --locked --bins
 
-test: deps
+test: deps $(PY_ENV)
 	$(CARGO) test --locked --all-targets
 
 lint: deps

@@ -3,5 +3,6 @@
 mod demo;
 mod discovery;
 mod proxy;
+mod python;
 mod register;
 mod support;
