@@ -5,4 +5,5 @@ mod discovery;
 mod proxy;
 mod python;
 mod register;
+mod serve;
 mod support;

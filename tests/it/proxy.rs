@@ -10,7 +10,7 @@ use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::{Code, Request};
 use weir::example::pb::EchoRequest;
 
-use crate::support::gateway::{admin_get, encode, raw_call, req, Env};
+use crate::support::gateway::{admin_get, encode, raw_call, raw_call_on, req, Env};
 use crate::support::{client, eventually, key};
 
 const ROUTE_ECHO: &str = r#"
@@ -624,4 +624,168 @@ async fn the_admin_listener_serves_metrics_health_and_json_views() {
     let (_, routes) = admin_get(admin, "/routes").await;
     assert!(routes.contains("\"policy\": \"round-robin\""), "{routes}");
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_alpn_h2_serves_the_same_calls() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let tls = format!(
+        "{ROUTE_ECHO}\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    // `[tls]` is a top-level table: put it before the routes' array of tables.
+    let tls = tls
+        .split_once("[tls]")
+        .map(|(routes, t)| format!("[tls]{t}\n{routes}"))
+        .unwrap();
+    let env = Env::start(1, &tls).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(env.gateway().grpc_addr)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let grpc = [("content-type", "application/grpc")];
+    let reply = raw_call_on(
+        stream,
+        "localhost",
+        "POST",
+        "/weir.example.v1.Echo/Unary",
+        &grpc,
+        &[&encode(&req("over tls"))],
+    )
+    .await;
+    assert_eq!(reply.grpc_status(), Some(0), "{reply:?}");
+    let echoed: weir::example::pb::EchoReply =
+        prost::Message::decode(reply.messages[0].clone()).unwrap();
+    assert_eq!(echoed.message, "over tls");
+
+    // Cleartext h2 is refused on a TLS listener (the connection is not served).
+    let plain = tokio::net::TcpStream::connect(env.gateway().grpc_addr)
+        .await
+        .unwrap();
+    let handshake =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(plain),
+        );
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        let (mut sender, conn) = handshake.await?;
+        tokio::spawn(conn);
+        let req = http::Request::post(format!("http://localhost/weir.example.v1.Echo/Unary"))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        sender.send_request(req).await
+    })
+    .await
+    .expect("the TLS listener answers a cleartext client at once");
+    assert!(
+        refused.is_err(),
+        "a cleartext client got a response: {refused:?}"
+    );
+}
+
+/// Registers `n` endpoints that refuse connections (loopback ports 1..=n).
+async fn dead_endpoints(env: &Env, service: &str, n: u16) {
+    let mut etcd = client(&env.etcd).await;
+    for port in 1..=n {
+        etcd.put(key(service, &format!("127.0.0.1:{port}")), "", None)
+            .await
+            .unwrap();
+    }
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_route_limit_and_the_budget() {
+    // A route that allows one retry, over three dead endpoints.
+    let mut env = Env::start(
+        0,
+        "[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\nretries = 1",
+    )
+    .await;
+    dead_endpoints(&env, "echo", 3).await;
+    env.wait_endpoints("echo", 3).await;
+    let mut c = env.client().await;
+    for _ in 0..4 {
+        assert_eq!(
+            c.unary(req("x")).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+    }
+    let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "weir_retries_total{service=\"echo\"}"),
+        4,
+        "one retry per call, not two:\n{m}"
+    );
+    env.gateway.take().unwrap().shutdown().await;
+
+    // No budget at all: no call is retried, and the refusals are counted.
+    let env = Env::start(0, "[retry]\nbudget_percent = 0.0\nmin_per_second = 0\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"").await;
+    dead_endpoints(&env, "echo", 3).await;
+    env.wait_endpoints("echo", 3).await;
+    let mut c = env.client().await;
+    for _ in 0..4 {
+        assert_eq!(
+            c.unary(req("x")).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+    }
+    let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+    assert_eq!(metric(&m, "weir_retries_total{service=\"echo\"}"), 0, "{m}");
+    assert_eq!(metric(&m, "weir_retries_budget_exhausted_total"), 4, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_is_capped_at_the_configured_share_of_a_service() {
+    // Health checks off (the extra config lands in `[health_check]`): only
+    // failed calls decide here.
+    let mut env = Env::start(
+        0,
+        "enabled = false\n[outlier]\nconsecutive_failures = 1\nmax_ejection_percent = 50\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\nretries = 3",
+    )
+    .await;
+    env.add_backend("echo", "live", 100).await;
+    dead_endpoints(&env, "echo", 3).await;
+    env.wait_endpoints("echo", 4).await;
+    let mut c = env.client().await;
+    for i in 0..30 {
+        let r = c.unary(req("x")).await;
+        assert!(r.is_ok(), "call {i}: {r:?}");
+    }
+    let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+    let ejected = m
+        .lines()
+        .filter(|l| l.starts_with("weir_ejections_total{"))
+        .count();
+    assert_eq!(ejected, 2, "half of 4 endpoints at most:\n{m}");
 }

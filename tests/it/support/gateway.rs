@@ -169,11 +169,26 @@ pub async fn raw_call(
     headers: &[(&str, &str)],
     messages: &[&[u8]],
 ) -> RawReply {
-    use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    raw_call_on(stream, &addr.to_string(), method, path, headers, messages).await
+}
+
+/// [`raw_call`] over any connection (TLS, say).
+pub async fn raw_call_on<IO>(
+    io: IO,
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    messages: &[&[u8]],
+) -> RawReply
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
+        hyper_util::rt::TokioIo::new(io),
     )
     .await
     .expect("h2 handshake");
@@ -186,7 +201,7 @@ pub async fn raw_call(
     }
     let mut req = http::Request::builder()
         .method(method)
-        .uri(format!("http://{addr}{path}"))
+        .uri(format!("http://{authority}{path}"))
         .header("te", "trailers");
     for (k, v) in headers {
         req = req.header(*k, *v);
