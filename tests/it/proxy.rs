@@ -692,7 +692,7 @@ async fn tls_with_alpn_h2_serves_the_same_calls() {
     let refused = tokio::time::timeout(Duration::from_secs(5), async {
         let (mut sender, conn) = handshake.await?;
         tokio::spawn(conn);
-        let req = http::Request::post(format!("http://localhost/weir.example.v1.Echo/Unary"))
+        let req = http::Request::post("http://localhost/weir.example.v1.Echo/Unary")
             .header("content-type", "application/grpc")
             .body(http_body_util::Empty::new())
             .unwrap();
