@@ -154,6 +154,16 @@ def run(work, procs):
         wait_port(port, f"backend b{i}")
         backends.append(port)
 
+    deadline = time.time() + 20
+    while True:
+        out = subprocess.run(["etcdctl", "--endpoints", etcd, "get", "--prefix", "/services/echo/", "--keys-only", "-w", "json"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and json.loads(out.stdout).get("count") == len(backends):
+            break
+        if time.time() > deadline:
+            sys.exit(f"the backends did not register: {out.stdout}{out.stderr}")
+        time.sleep(0.1)
+
     targets = {"direct": backends[0]}
 
     weir_port, admin = free_port(), free_port()

@@ -277,7 +277,8 @@ pub struct EchoBackend {
     pub stats: Arc<EchoStats>,
     slow_ms: Arc<AtomicU64>,
     health: HealthReporter,
-    server: tokio::task::JoinHandle<()>,
+    kill: tokio_util::sync::CancellationToken,
+    server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl EchoBackend {
@@ -305,14 +306,16 @@ impl EchoBackend {
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(health_service);
-        let server = tokio::spawn(accept_loop(listener, routes));
+        let kill = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(accept_loop(listener, routes, kill.clone()));
         Ok(EchoBackend {
             name: name.to_owned(),
             addr,
             stats,
             slow_ms,
             health,
-            server,
+            kill,
+            server: std::sync::Mutex::new(Some(server)),
         })
     }
 
@@ -339,24 +342,41 @@ impl EchoBackend {
         self.stats.calls.load(Ordering::Relaxed)
     }
 
-    /// Drops the listener and every connection now, as a crash would.
-    pub fn kill(&self) {
-        self.server.abort();
+    /// Closes the listener and every connection, as a crash would; returns
+    /// once they are all closed.
+    pub async fn kill(&self) {
+        self.kill.cancel();
+        let server = self.server.lock().expect("server handle").take();
+        if let Some(server) = server {
+            let _cancelled_or_done = server.await;
+        }
     }
 }
 
 impl Drop for EchoBackend {
     fn drop(&mut self) {
-        self.server.abort();
+        if let Some(server) = self.server.lock().expect("server handle").take() {
+            server.abort();
+        }
     }
 }
 
-/// Accepts connections and serves each on its own task; aborting this task
-/// aborts them all (the `JoinSet` drops with it).
-async fn accept_loop(listener: TcpListener, routes: tonic::service::Routes) {
+/// Accepts connections and serves each on its own task. On `kill`, every
+/// connection task is aborted and awaited, so their sockets are closed when
+/// this returns; aborting this task also drops them all.
+async fn accept_loop(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    kill: tokio_util::sync::CancellationToken,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            _ = kill.cancelled() => {
+                drop(listener);
+                connections.shutdown().await;
+                return;
+            }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);

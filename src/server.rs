@@ -36,6 +36,9 @@ pub enum StartError {
     Etcd(#[from] etcd_client::Error),
 }
 
+/// How long start-up waits for the first etcd listing before listening anyway.
+const STARTUP_WAIT: Duration = Duration::from_secs(10);
+
 /// A running gateway.
 pub struct Gateway {
     pub grpc_addr: SocketAddr,
@@ -121,6 +124,19 @@ impl Gateway {
             source,
         })?;
 
+        // Listen once the first etcd listing (or the snapshot) is in, so early
+        // calls do not find every service empty; after the bound, listen anyway.
+        let mut changes = table.subscribe();
+        let ready = tokio::time::timeout(STARTUP_WAIT, async {
+            while !table.is_ready() {
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        if ready.await.is_err() {
+            tracing::warn!(wait = ?STARTUP_WAIT, "no etcd listing and no snapshot yet: serving anyway, calls get UNAVAILABLE until etcd answers");
+        }
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         tasks.spawn(accept(
@@ -239,7 +255,8 @@ where
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
         .max_concurrent_streams(1000)
         .keep_alive_interval(Duration::from_secs(30))
         .serve_connection(TokioIo::new(io), service);

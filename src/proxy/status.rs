@@ -102,6 +102,8 @@ pub enum ProxyError {
     UnknownService { path: String, service: String },
     #[error("service {service:?} has no endpoints")]
     NoEndpoints { service: String },
+    #[error("service {service:?}: the gateway has not loaded endpoints from etcd yet")]
+    NotReady { service: String },
     #[error("service {service:?}: no endpoint could be reached (last: {cause})")]
     Unreachable { service: String, cause: String },
     #[error("service {service:?}: backend {backend} failed before answering: {cause}")]
@@ -122,6 +124,7 @@ impl ProxyError {
             ProxyError::NotGrpc(_) => INVALID_ARGUMENT,
             ProxyError::BadPath(_) | ProxyError::UnknownService { .. } => UNIMPLEMENTED,
             ProxyError::NoEndpoints { .. }
+            | ProxyError::NotReady { .. }
             | ProxyError::Unreachable { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Policy { .. } => UNAVAILABLE,

@@ -145,7 +145,8 @@ async fn connect(addr: &Arc<str>, config: &PoolConfig) -> Result<Sender, Connect
     let _ = stream.set_nodelay(true);
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .adaptive_window(true)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true)
