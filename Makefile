@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build deps test lint demo bench-discovery bench-load clean
+.PHONY: all build deps policies test lint demo bench-discovery bench-load clean
 
 all: build
 
@@ -21,6 +21,16 @@ deps:
 	fi
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+# The built-in policies, compiled from policies/ into build/policies/<name>.wasm.
+POLICY_NAMES := round-robin weighted least-conn random consistent-hash lease-aware zone-aware testing other-world
+policies: deps
+	$(CARGO) build --locked --release --manifest-path policies/Cargo.toml --target wasm32-wasip2
+	@mkdir -p build/policies
+	@for p in $(POLICY_NAMES); do \
+	  cp policies/target/wasm32-wasip2/release/weir_policy_$$(echo $$p | tr - _).wasm build/policies/$$p.wasm; \
+	done
+	@echo "policies built into build/policies/"
+
 # A gRPC client nobody here wrote, for the interop test: Python grpcio.
 PY_ENV := .venv/.grpcio-installed
 $(PY_ENV):
@@ -31,14 +41,14 @@ $(PY_ENV):
 build: deps
 	$(CARGO) build --locked --bins
 
-test: deps $(PY_ENV)
+test: deps policies $(PY_ENV)
 	$(CARGO) test --locked --all-targets
 
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-demo: deps
+demo: deps policies
 	$(CARGO) build --locked --bin weir --example echo_server --example echo_client
 	bash examples/demo.sh
 

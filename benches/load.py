@@ -191,8 +191,10 @@ def run(work, procs):
     with open(os.path.join(work, "nginx.conf"), "w") as f:
         f.write(f"user root;\nworker_processes {THREADS};\ndaemon off;\npid {work}/nginx.pid;\n"
                 f"error_log {work}/nginx-error.log error;\nevents {{ worker_connections 8192; }}\n"
-                f"http {{ access_log off; client_body_temp_path {work}/nginx;\n"
-                f"  upstream echo {{ {upstreams} keepalive 64; }}\n"
+                # nginx closes a connection after 1000 requests by default (HTTP/2
+                # included), and h2load does not reconnect: lift both limits.
+                f"http {{ access_log off; client_body_temp_path {work}/nginx; keepalive_requests 100000000;\n"
+                f"  upstream echo {{ {upstreams} keepalive 64; keepalive_requests 100000000; }}\n"
                 f"  server {{ listen 127.0.0.1:{nginx_port} http2; http2_max_concurrent_streams 1000;\n"
                 f"    location / {{ grpc_pass grpc://echo; }} }} }}\n")
     procs.start("nginx", ["nginx", "-p", os.path.join(work, "nginx"), "-c", os.path.join(work, "nginx.conf")])

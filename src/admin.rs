@@ -1,6 +1,7 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`,
 //! `/readyz` (ready once the first etcd listing or the snapshot is loaded),
-//! and JSON views: `/routes`, `/services` (endpoints with live load and health).
+//! and JSON views: `/routes`, `/services` (endpoints with live load and
+//! health), `/policies` (versions, faults, the last load error).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub table: Arc<ServiceTable>,
     pub proxy: Arc<Proxy>,
+    pub policies: Arc<crate::policy::PolicySet>,
     pub config: Arc<Config>,
 }
 
@@ -83,10 +85,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         "/routes" => json_reply(routes(state)),
         "/services" => json_reply(services(state)),
+        "/policies" => json_reply(state.policies.describe()),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics /healthz /readyz /routes /services\n".into(),
+            "not found; try /metrics /healthz /readyz /routes /services /policies\n".into(),
         ),
     }
 }

@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use http::HeaderMap;
 
 use crate::proxy::services::Members;
@@ -15,7 +17,7 @@ pub struct PickContext<'a> {
     pub service: &'a str,
     pub method: &'a str,
     pub headers: &'a HeaderMap,
-    pub members: &'a Members,
+    pub members: &'a Arc<Members>,
     /// Positions in `members` that may be picked (usable, not yet tried).
     pub candidates: &'a [usize],
 }

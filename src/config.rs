@@ -52,8 +52,33 @@ pub struct Config {
     pub health_check: HealthCheckSection,
     #[serde(default)]
     pub outlier: OutlierSection,
+    /// The gateway's own zone, offered to policies (`env.zone`).
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub policy: PolicySection,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Where `<name>.wasm` policies are loaded from and watched; none by default.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Also take policies published in etcd under `<prefix>/_policies/<name>`.
+    #[serde(default = "defaults::yes")]
+    pub from_etcd: bool,
+    /// How long one pick may run before it is cut off (and falls back).
+    #[serde(default = "defaults::pick_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Linear memory one policy instance may use, in MiB.
+    #[serde(default = "defaults::policy_memory_mib")]
+    pub memory_mib: usize,
+    /// Long-lived instances per policy (picks run on them in parallel).
+    #[serde(default = "defaults::policy_instances")]
+    pub instances: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -223,6 +248,15 @@ mod defaults {
     pub fn max_ejection_percent() -> u32 {
         50
     }
+    pub fn pick_deadline() -> Duration {
+        Duration::from_millis(1)
+    }
+    pub fn policy_memory_mib() -> usize {
+        8
+    }
+    pub fn policy_instances() -> usize {
+        4
+    }
     pub fn policy() -> String {
         "round-robin".into()
     }
@@ -245,11 +279,12 @@ default_section!(
     UpstreamSection,
     RetrySection,
     HealthCheckSection,
-    OutlierSection
+    OutlierSection,
+    PolicySection
 );
 
-/// Policies the data path knows today. The WebAssembly policy host adds to these.
-pub const BUILTIN_POLICIES: &[&str] = &["round-robin"];
+/// The native policy, always available (and every policy's fallback).
+pub const NATIVE_POLICY: &str = "round-robin";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -305,6 +340,15 @@ impl Config {
         if self.health_check.healthy_threshold == 0 || self.health_check.unhealthy_threshold == 0 {
             return fail("health_check".into(), "thresholds must be at least 1");
         }
+        if self.policy.memory_mib == 0
+            || self.policy.instances == 0
+            || self.policy.deadline.is_zero()
+        {
+            return fail(
+                "policy".into(),
+                "deadline, memory_mib and instances must be above zero",
+            );
+        }
         if self.outlier.max_ejection_percent > 100 {
             return fail("outlier.max_ejection_percent".into(), "must be at most 100");
         }
@@ -324,14 +368,17 @@ impl Config {
                     "must be a non-empty etcd service name not starting with `_`",
                 );
             }
-            if !BUILTIN_POLICIES.contains(&route.policy.as_str()) {
+            if !crate::policy::set::valid_name(&route.policy) {
+                return fail(
+                    key("policy"),
+                    "policy names are letters, digits, `-` and `_`",
+                );
+            }
+            if route.policy != NATIVE_POLICY && self.policy.dir.is_none() && !self.policy.from_etcd
+            {
                 return Err((
                     key("policy"),
-                    format!(
-                        "unknown policy {:?}; known: {}",
-                        route.policy,
-                        BUILTIN_POLICIES.join(", ")
-                    ),
+                    format!("policy {:?} needs [policy] dir or from_etcd", route.policy),
                 ));
             }
             if self.routes[..i].iter().any(|r| r.path == route.path) {

@@ -7,6 +7,7 @@
 pub mod endpoint;
 pub mod key_format;
 pub mod lease;
+pub mod policies;
 pub mod snapshot;
 pub mod table;
 pub mod watch;

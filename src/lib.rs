@@ -29,6 +29,7 @@ pub mod discovery;
 #[cfg(feature = "testkit")]
 pub mod example;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod register;
 pub mod server;

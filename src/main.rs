@@ -60,6 +60,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = KeyFormat::Weir)]
         format: KeyFormat,
     },
+    /// Work with WebAssembly policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Print the endpoint sets under a prefix; with --watch, follow them.
     Discover {
         #[arg(long, required = true, value_delimiter = ',')]
@@ -75,6 +80,20 @@ enum Command {
         /// Seconds to wait for the first listing.
         #[arg(long, default_value_t = 10)]
         wait: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy and show how it spreads synthetic picks.
+    Check {
+        /// The policy component (.wasm).
+        file: std::path::PathBuf,
+        /// Synthetic endpoints to pick among.
+        #[arg(long, default_value_t = 5)]
+        backends: usize,
+        #[arg(long, default_value_t = 3000)]
+        picks: usize,
     },
 }
 
@@ -111,6 +130,19 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => weir::commands::serve::run(&config).await,
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    file,
+                    backends,
+                    picks,
+                },
+        } => {
+            tokio::task::spawn_blocking(move || {
+                weir::commands::policy::check(&file, backends, picks)
+            })
+            .await?
+        }
         Command::Register {
             etcd,
             prefix,

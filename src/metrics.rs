@@ -187,3 +187,128 @@ impl ProxyMetrics {
             .inc();
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyKindLabels {
+    pub policy: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyResultLabels {
+    pub policy: String,
+    pub result: &'static str,
+}
+
+fn pick_histogram() -> Histogram {
+    Histogram::new([
+        0.000_000_1,
+        0.000_000_25,
+        0.000_000_5,
+        0.000_001,
+        0.000_002_5,
+        0.000_005,
+        0.000_01,
+        0.000_025,
+        0.000_1,
+        0.001,
+    ])
+}
+
+/// What the policy host records.
+#[derive(Clone, Debug)]
+pub struct PolicyMetrics {
+    pub picks: Family<PolicyLabel, Counter>,
+    pub pick_duration: Family<PolicyLabel, Histogram, fn() -> Histogram>,
+    /// Picks that failed (trap, deadline, memory, out of range, error), by kind.
+    pub faults: Family<PolicyKindLabels, Counter>,
+    /// Versions installed or refused.
+    pub reloads: Family<PolicyResultLabels, Counter>,
+    pub reverts: Family<PolicyLabel, Counter>,
+}
+
+impl Default for PolicyMetrics {
+    fn default() -> Self {
+        PolicyMetrics {
+            picks: Family::default(),
+            pick_duration: Family::new_with_constructor(pick_histogram),
+            faults: Family::default(),
+            reloads: Family::default(),
+            reverts: Family::default(),
+        }
+    }
+}
+
+impl PolicyMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = PolicyMetrics::default();
+        let r = registry.sub_registry_with_prefix("weir_policy");
+        r.register(
+            "picks",
+            "picks asked of a WebAssembly policy",
+            m.picks.clone(),
+        );
+        r.register(
+            "pick_duration_seconds",
+            "time a policy took to pick",
+            m.pick_duration.clone(),
+        );
+        r.register(
+            "faults",
+            "picks that failed and fell back to round-robin, by kind",
+            m.faults.clone(),
+        );
+        r.register(
+            "reloads",
+            "policy versions installed (ok) or refused (failed)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "reverts",
+            "failing versions reverted to their last good version",
+            m.reverts.clone(),
+        );
+        m
+    }
+
+    pub fn picked(&self, policy: &str, took: std::time::Duration) {
+        let label = PolicyLabel {
+            policy: policy.to_owned(),
+        };
+        self.picks.get_or_create(&label).inc();
+        self.pick_duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn fault(&self, policy: &str, kind: &'static str) {
+        self.faults
+            .get_or_create(&PolicyKindLabels {
+                policy: policy.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, policy: &str, result: &'static str) {
+        self.reloads
+            .get_or_create(&PolicyResultLabels {
+                policy: policy.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn reverted(&self, policy: &str) {
+        self.reverts
+            .get_or_create(&PolicyLabel {
+                policy: policy.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -313,7 +313,7 @@ impl Proxy {
     fn pick(
         &self,
         target: &Target<'_>,
-        members: &Members,
+        members: &Arc<Members>,
         tried: &[usize],
         headers: &http::HeaderMap,
         method: &str,

@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{Balancer, RoundRobin};
 use crate::config::{Config, RouteConfig};
 use crate::discovery::{self, EtcdConfig, LeasePollConfig, ServiceTable};
-use crate::metrics::{DiscoveryMetrics, ProxyMetrics};
+use crate::metrics::{DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
+use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
 use crate::proxy::{Proxy, Shared};
@@ -34,6 +35,8 @@ pub enum StartError {
     Tls(String),
     #[error("etcd client: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("policies: {0}")]
+    Policy(String),
 }
 
 /// How long start-up waits for the first etcd listing before listening anyway.
@@ -45,6 +48,7 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     pub table: Arc<ServiceTable>,
     pub proxy: Arc<Proxy>,
+    pub policies: Arc<PolicySet>,
     /// Stops accepting and drains connections.
     stop: CancellationToken,
     /// Stops the background tasks (discovery, health checks, admin).
@@ -59,6 +63,7 @@ impl Gateway {
         let mut registry = Registry::default();
         let discovery_metrics = DiscoveryMetrics::register(&mut registry);
         let proxy_metrics = ProxyMetrics::register(&mut registry);
+        let policy_metrics = PolicyMetrics::register(&mut registry);
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
 
@@ -83,7 +88,10 @@ impl Gateway {
             &config.retry,
         ));
         let services = Arc::new(ServiceRuntimes::new(table.clone(), proxy_metrics.clone()));
-        let router = Router::new(&config.routes, &services, native_policy);
+        let policies = start_policies(&config, policy_metrics, &tasks, &background).await?;
+        let router = Router::new(&config.routes, &services, |route| {
+            route_policy(&policies, route)
+        });
         let proxy = Arc::new(Proxy::new(shared, router, services));
         tasks.spawn(keep_members_current(
             proxy.clone(),
@@ -150,6 +158,7 @@ impl Gateway {
             registry: Arc::new(registry),
             table: table.clone(),
             proxy: proxy.clone(),
+            policies: policies.clone(),
             config: Arc::new(config.clone()),
         };
         tasks.spawn(crate::admin::serve(admin, admin_state, background.clone()));
@@ -159,6 +168,7 @@ impl Gateway {
             admin_addr,
             table,
             proxy,
+            policies,
             stop,
             background,
             connections,
@@ -205,9 +215,78 @@ async fn keep_members_current(
     }
 }
 
-/// Policies the data path knows before WebAssembly policies: round-robin.
-fn native_policy(_route: &RouteConfig) -> Arc<dyn Balancer> {
-    Arc::new(RoundRobin::default())
+/// The policy engine, the policies of the directory, and the reloaders.
+async fn start_policies(
+    config: &Config,
+    metrics: PolicyMetrics,
+    tasks: &TaskTracker,
+    background: &CancellationToken,
+) -> Result<Arc<PolicySet>, StartError> {
+    let limits = policy::Limits {
+        deadline: config.policy.deadline,
+        memory_bytes: config.policy.memory_mib << 20,
+        instances: config.policy.instances,
+    };
+    let zone = config.zone.as_deref().map(Arc::from);
+    let engine = PolicyEngine::new(limits, zone).map_err(|e| StartError::Policy(e.to_string()))?;
+    let set = Arc::new(PolicySet::new(
+        Arc::new(engine),
+        config.policy.dir.clone(),
+        metrics,
+    ));
+    let loader = set.clone();
+    let failures = tokio::task::spawn_blocking(move || loader.load_dir())
+        .await
+        .map_err(|e| StartError::Policy(e.to_string()))?;
+    for (name, err) in failures {
+        tracing::warn!(policy = name, cause = %err, "policy not loaded at start");
+    }
+    if let Some(dir) = &config.policy.dir {
+        let watch = policy::reload::spawn_dir_watch(set.clone(), dir.clone(), background.clone())
+            .map_err(|e| StartError::Policy(format!("watching {}: {e}", dir.display())))?;
+        tasks.spawn(async move {
+            watch.await.ok();
+        });
+    }
+    if config.policy.from_etcd {
+        let client = discovery::connect(&config.etcd.endpoints).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tasks.spawn(discovery::policies::spawn_policy_watch(
+            client,
+            &config.etcd.prefix,
+            tx,
+            background.clone(),
+        ));
+        tasks.spawn(policy::reload::spawn_etcd_consumer(
+            set.clone(),
+            rx,
+            background.clone(),
+        ));
+    }
+    for route in &config.routes {
+        if route.policy != crate::config::NATIVE_POLICY && !set.has(&route.policy) {
+            let known: Vec<String> = set.names();
+            if !config.policy.from_etcd {
+                return Err(StartError::Policy(format!(
+                    "route {:?}: no policy {:?} in the policy directory (loaded: {})",
+                    route.path,
+                    route.policy,
+                    known.join(", ")
+                )));
+            }
+            tracing::warn!(route = %route.path, policy = %route.policy, "policy has no version yet: calls use round-robin until one is published");
+        }
+    }
+    Ok(set)
+}
+
+/// A route's policy: a WebAssembly policy of that name, or the native
+/// round-robin when the route asks for `round-robin` and none is loaded.
+fn route_policy(policies: &PolicySet, route: &RouteConfig) -> Arc<dyn Balancer> {
+    if route.policy == crate::config::NATIVE_POLICY && !policies.has(&route.policy) {
+        return Arc::new(RoundRobin::default());
+    }
+    policies.balancer(&route.policy)
 }
 
 async fn accept(

@@ -42,6 +42,23 @@ pub struct Members {
 }
 
 impl Members {
+    /// Members for a set outside any service: no metrics, no connections made
+    /// (synthetic sets for policy checks and benchmarks).
+    pub fn unconnected(set: Arc<EndpointSet>, backends: &Backends) -> Members {
+        let list = set
+            .endpoints
+            .iter()
+            .map(|e| {
+                Arc::new(Member {
+                    endpoint: e.clone(),
+                    backend: backends.get(&e.addr),
+                    calls: Vec::new(),
+                })
+            })
+            .collect();
+        Members { set, list }
+    }
+
     pub fn generation(&self) -> u64 {
         self.set.generation
     }

@@ -1,0 +1,36 @@
+//! WebAssembly balancing policies: the wasmtime host, the named policy
+//! versions with hot swap, and the reloaders that feed them.
+//!
+//! Only this module knows wasmtime. To the data path a policy is just a
+//! [`crate::balance::Balancer`]; when it fails, the call falls back to the
+//! built-in round-robin, and a policy that keeps failing is reverted to its
+//! last good version.
+
+pub mod check;
+pub mod engine;
+pub mod host;
+pub mod reload;
+pub mod set;
+pub mod version;
+
+pub use engine::{Limits, PolicyEngine};
+pub use set::{PolicySet, WasmBalancer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the policy engine could not start: {0}")]
+    Engine(String),
+    #[error("not a WebAssembly component: {0}")]
+    Invalid(String),
+    #[error("not a weir:policy balancer (imports or exports do not match wit/policy.wit): {0}")]
+    World(String),
+    #[error("the trial pick on a synthetic set failed: {0}")]
+    Trial(String),
+    #[error("policy names are letters, digits, `-` and `_`: {0:?}")]
+    Name(String),
+}

@@ -1,0 +1,95 @@
+//! Trying a policy on a synthetic set: the trial pick before a swap, and
+//! `weir policy check`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::engine::PolicyEngine;
+use super::version::PolicyVersion;
+use crate::balance::PickContext;
+use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet};
+use crate::proxy::services::Members;
+use crate::upstream::{Backends, PoolConfig};
+
+/// `n` synthetic endpoints in three zones with weights 100, 200, 300, ... .
+pub fn synthetic_members(n: usize) -> Arc<Members> {
+    let endpoints = (0..n)
+        .map(|i| {
+            let addr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1);
+            let mut metadata = BTreeMap::new();
+            metadata.insert("zone".to_owned(), format!("zone-{}", i % 3));
+            Arc::new(Endpoint {
+                key: format!("/synthetic/svc/{addr}").into(),
+                addr: addr.into(),
+                weight: 100 * (i as u32 % 3 + 1),
+                health: DeclaredHealth::Healthy,
+                metadata,
+                lease: None,
+            })
+        })
+        .collect();
+    let set = Arc::new(EndpointSet {
+        service: "synthetic".into(),
+        endpoints,
+        generation: 1,
+    });
+    let backends = Backends::new(PoolConfig {
+        connections: 1,
+        connect_timeout: std::time::Duration::from_secs(1),
+        keepalive_interval: std::time::Duration::from_secs(10),
+        keepalive_timeout: std::time::Duration::from_secs(5),
+    });
+    Arc::new(Members::unconnected(set, &backends))
+}
+
+/// One pick on three synthetic endpoints, under the sandbox limits.
+pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), String> {
+    let members = synthetic_members(3);
+    let candidates = [0usize, 1, 2];
+    let headers = http::HeaderMap::new();
+    let ctx = PickContext {
+        service: "synthetic",
+        method: "Trial",
+        headers: &headers,
+        members: &members,
+        candidates: &candidates,
+    };
+    version
+        .pick(engine, &ctx, &members)
+        .map(|_| ())
+        .map_err(|f| f.to_string())
+}
+
+/// `weir policy check`: how `picks` synthetic picks spread over `n` endpoints.
+pub fn spread(
+    engine: &PolicyEngine,
+    version: &PolicyVersion,
+    n: usize,
+    picks: usize,
+) -> Result<Vec<(String, u32, usize)>, String> {
+    let members = synthetic_members(n);
+    let candidates: Vec<usize> = (0..n).collect();
+    let mut headers = http::HeaderMap::new();
+    let mut counts = vec![0usize; n];
+    for i in 0..picks {
+        // Vary the key so hash-based policies show their spread.
+        headers.insert("x-hash-key", http::HeaderValue::from(i as u64));
+        let ctx = PickContext {
+            service: "synthetic",
+            method: "Check",
+            headers: &headers,
+            members: &members,
+            candidates: &candidates,
+        };
+        let at = version
+            .pick(engine, &ctx, &members)
+            .map_err(|f| format!("pick {i}: {f}"))?;
+        counts[at] += 1;
+    }
+    Ok(members
+        .list
+        .iter()
+        .zip(counts)
+        .map(|(m, c)| (m.endpoint.addr.to_string(), m.endpoint.weight, c))
+        .collect())
+}

@@ -1,0 +1,175 @@
+//! The one wasmtime `Engine` of the gateway, its linker, and the epoch ticker
+//! that bounds every pick in time. Compiling a policy happens here, off the
+//! hot path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+
+use super::host::{Balancer, BalancerPre, HostState};
+use super::PolicyError;
+
+/// The sandbox every policy runs in.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// How long one pick may run before it is cut off.
+    pub deadline: Duration,
+    /// Linear memory one instance may grow to.
+    pub memory_bytes: usize,
+    /// Long-lived instances per policy version (picks run on them in parallel).
+    pub instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            deadline: Duration::from_millis(1),
+            memory_bytes: 8 << 20,
+            instances: 4,
+        }
+    }
+}
+
+/// The epoch advances every `TICK`; a pick's deadline is a number of ticks.
+const TICK: Duration = Duration::from_micros(250);
+
+/// What compiling and checking a component yields.
+pub struct Compiled {
+    pub pre: BalancerPre<HostState>,
+    pub component: Component,
+    pub uses_call: bool,
+    pub has_observe: bool,
+}
+
+pub struct PolicyEngine {
+    engine: Engine,
+    linker: Linker<HostState>,
+    pub limits: Limits,
+    pub zone: Option<Arc<str>>,
+    ticker: Ticker,
+}
+
+impl PolicyEngine {
+    pub fn new(limits: Limits, zone: Option<Arc<str>>) -> Result<PolicyEngine, PolicyError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(OptLevel::Speed);
+        config.max_wasm_stack(512 << 10);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(256)
+            .total_memories(256)
+            .total_tables(256)
+            .max_memory_size(limits.memory_bytes.max(1 << 20));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+        let ticker = Ticker::start(engine.clone());
+        Ok(PolicyEngine {
+            engine,
+            linker,
+            limits,
+            zone,
+            ticker,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Ticks of the epoch a pick may run for (at least one full `deadline`).
+    pub fn deadline_ticks(&self) -> u64 {
+        (self.limits.deadline.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+    }
+
+    /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
+    /// is one weir provides, and it exports `pick` with the right type.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+        let ty = component.component_type();
+        // Only weir's own interfaces and WASI may be imported. WASI imports (a
+        // Rust guest's std brings some) are linked to stubs that trap: a
+        // policy gets no filesystem, network, clock or environment, and a
+        // call to one fails the pick, which then falls back.
+        if let Some((name, _)) = ty
+            .imports(&self.engine)
+            .find(|(name, _)| !name.starts_with("weir:policy/") && !name.starts_with("wasi:"))
+        {
+            return Err(PolicyError::World(format!(
+                "imports {name:?}, which weir does not provide"
+            )));
+        }
+        let mut linker = self.linker.clone();
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+        let pre =
+            BalancerPre::new(instance_pre).map_err(|e| PolicyError::World(format!("{e:#}")))?;
+        let uses_call = ty
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("weir:policy/call"));
+        let has_observe = component.get_export_index(None, "observe").is_some();
+        Ok(Compiled {
+            pre,
+            component,
+            uses_call,
+            has_observe,
+        })
+    }
+
+    /// Stops the epoch ticker (also done on drop).
+    pub fn stop(&mut self) {
+        self.ticker.stop();
+    }
+}
+
+/// A thread that advances the engine's epoch every `TICK`, joined on drop.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Ticker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("weir-policy-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch ticker");
+        Ticker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

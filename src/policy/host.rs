@@ -1,0 +1,171 @@
+//! The host side of `wit/policy.wit`: what a policy learns through host
+//! calls, answered from the call's members without copying them.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use wasmtime::StoreLimits;
+
+use crate::proxy::services::Members;
+use crate::upstream::CheckedHealth;
+
+wasmtime::component::bindgen!({
+    path: "wit",
+    world: "balancer",
+});
+
+pub use self::weir::policy::backends::HealthState;
+
+/// The call a pick is about. Filled before `pick`, cleared after; its
+/// buffers are reused from call to call.
+#[derive(Default)]
+pub struct CallView {
+    pub members: Option<Arc<Members>>,
+    /// Candidates, as positions in `members`.
+    pub candidates: Vec<u32>,
+    pub service: Arc<str>,
+    pub method: String,
+    /// Only copied for policies that import the `call` interface.
+    pub headers: Option<HeaderMap>,
+}
+
+/// A policy instance's store data.
+pub struct HostState {
+    pub limits: StoreLimits,
+    pub call: CallView,
+    pub policy: Arc<str>,
+    pub zone: Option<Arc<str>>,
+}
+
+impl HostState {
+    fn member(&self, index: u32) -> Option<&crate::proxy::services::Member> {
+        let members = self.call.members.as_ref()?;
+        let position = *self.call.candidates.get(index as usize)?;
+        members.list.get(position as usize).map(|m| &**m)
+    }
+}
+
+impl self::weir::policy::backends::Host for HostState {
+    fn count(&mut self) -> u32 {
+        self.call.candidates.len() as u32
+    }
+
+    fn address(&mut self, index: u32) -> String {
+        self.member(index)
+            .map(|m| m.endpoint.addr.to_string())
+            .unwrap_or_default()
+    }
+
+    fn weight(&mut self, index: u32) -> u32 {
+        self.member(index).map_or(0, |m| m.endpoint.weight)
+    }
+
+    fn weights(&mut self) -> Vec<u32> {
+        (0..self.call.candidates.len() as u32)
+            .map(|i| self.weight(i))
+            .collect()
+    }
+
+    fn metadata(&mut self, index: u32, key: String) -> Option<String> {
+        self.member(index)?.endpoint.metadata.get(&key).cloned()
+    }
+
+    fn health(&mut self, index: u32) -> HealthState {
+        match self.member(index).map(|m| m.backend.health()) {
+            Some(CheckedHealth::Serving) => HealthState::Serving,
+            Some(CheckedHealth::NotServing) => HealthState::NotServing,
+            _ => HealthState::Unknown,
+        }
+    }
+
+    fn lease_ttl_ms(&mut self, index: u32) -> Option<i64> {
+        self.member(index)?.endpoint.lease.as_ref()?.remaining_ms()
+    }
+
+    fn active_requests(&mut self, index: u32) -> u32 {
+        self.member(index).map_or(0, |m| m.backend.load.active())
+    }
+
+    fn latency_ewma_us(&mut self, index: u32) -> u32 {
+        self.member(index)
+            .map_or(0, |m| m.backend.load.latency_ewma_us())
+    }
+
+    fn generation(&mut self) -> u64 {
+        self.call.members.as_ref().map_or(0, |m| m.generation())
+    }
+
+    fn total(&mut self) -> u32 {
+        self.call.members.as_ref().map_or(0, |m| m.len() as u32)
+    }
+
+    fn total_address(&mut self, index: u32) -> String {
+        let Some(members) = self.call.members.as_ref() else {
+            return String::new();
+        };
+        members
+            .list
+            .get(index as usize)
+            .map(|m| m.endpoint.addr.to_string())
+            .unwrap_or_default()
+    }
+
+    fn candidate_of(&mut self, total_index: u32) -> Option<u32> {
+        self.call
+            .candidates
+            .iter()
+            .position(|&c| c == total_index)
+            .map(|i| i as u32)
+    }
+
+    fn set_index(&mut self, index: u32) -> u32 {
+        self.call
+            .candidates
+            .get(index as usize)
+            .copied()
+            .unwrap_or(u32::MAX)
+    }
+}
+
+impl self::weir::policy::call::Host for HostState {
+    fn service(&mut self) -> String {
+        self.call.service.to_string()
+    }
+
+    fn method(&mut self) -> String {
+        self.call.method.clone()
+    }
+
+    fn header(&mut self, name: String) -> Option<String> {
+        let value = self.call.headers.as_ref()?.get(name.to_ascii_lowercase())?;
+        value.to_str().ok().map(str::to_owned)
+    }
+}
+
+impl self::weir::policy::env::Host for HostState {
+    fn random(&mut self) -> u64 {
+        rand::random()
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    fn log(&mut self, level: u8, message: String) {
+        let message: String = message.chars().take(1024).collect();
+        match level {
+            0 => tracing::error!(policy = %self.policy, "{message}"),
+            1 => tracing::warn!(policy = %self.policy, "{message}"),
+            2 => tracing::info!(policy = %self.policy, "{message}"),
+            _ => tracing::debug!(policy = %self.policy, "{message}"),
+        }
+    }
+
+    fn zone(&mut self) -> Option<String> {
+        self.zone.as_deref().map(str::to_owned)
+    }
+}

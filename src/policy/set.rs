@@ -1,0 +1,328 @@
+//! Named policies, each a slot whose current version is swapped atomically.
+//! Calls in flight keep the version they loaded; a new one is compiled and
+//! checked off the hot path before it is swapped in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+
+use super::engine::PolicyEngine;
+use super::version::PolicyVersion;
+use super::PolicyError;
+use crate::balance::{Balancer, PickContext, PickError};
+use crate::metrics::PolicyMetrics;
+
+/// Faults in a row after which a version is reverted to the last good one.
+pub const REVERT_AFTER: u32 = 10;
+
+pub struct PolicySlot {
+    pub name: Arc<str>,
+    current: ArcSwapOption<PolicyVersion>,
+    last_good: ArcSwapOption<PolicyVersion>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl PolicySlot {
+    pub fn current(&self) -> Option<Arc<PolicyVersion>> {
+        self.current.load_full()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last error").clone()
+    }
+}
+
+pub struct PolicySet {
+    engine: Arc<PolicyEngine>,
+    slots: RwLock<HashMap<Arc<str>, Arc<PolicySlot>>>,
+    metrics: PolicyMetrics,
+    dir: Option<PathBuf>,
+}
+
+/// Policy names become file names and etcd keys: keep them plain.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl PolicySet {
+    pub fn new(engine: Arc<PolicyEngine>, dir: Option<PathBuf>, metrics: PolicyMetrics) -> Self {
+        PolicySet {
+            engine,
+            slots: RwLock::new(HashMap::new()),
+            metrics,
+            dir,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<PolicyEngine> {
+        &self.engine
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Installs every `*.wasm` of the policy directory; returns the failures.
+    pub fn load_dir(&self) -> Vec<(String, PolicyError)> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        let mut failures = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(source) => {
+                return vec![(
+                    dir.display().to_string(),
+                    PolicyError::Read {
+                        path: dir.clone(),
+                        source,
+                    },
+                )]
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            if let Some(name) = policy_name(&path) {
+                if let Err(err) = self.install_file(&name, &path) {
+                    failures.push((name, err));
+                }
+            }
+        }
+        failures
+    }
+
+    pub fn install_file(&self, name: &str, path: &Path) -> Result<Arc<PolicyVersion>, PolicyError> {
+        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        });
+        match bytes {
+            Ok(bytes) => self.install(name, &bytes, path.display().to_string()),
+            Err(err) => Err(self.failed(name, err)),
+        }
+    }
+
+    /// Compiles, checks and swaps in a new version of `name`. Blocking (it
+    /// compiles): call it off the hot path. On failure the old version keeps
+    /// serving and the reason is logged, counted and kept for the admin view.
+    pub fn install(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: String,
+    ) -> Result<Arc<PolicyVersion>, PolicyError> {
+        if let Some(current) = self.slot(name).and_then(|s| s.current()) {
+            if current.digest == super::version::digest(bytes) {
+                return Ok(current); // the same bytes again (a touch, a re-list)
+            }
+        }
+        let outcome = self.prepare(name, bytes, source);
+        match outcome {
+            Ok(version) => {
+                let slot = self.slot_or_create(name);
+                let old = slot.current.swap(Some(version.clone()));
+                if old.is_some() {
+                    slot.last_good.store(old);
+                }
+                *slot.last_error.lock().expect("last error") = None;
+                self.metrics.reload(name, "ok");
+                tracing::info!(policy = name, digest = %version.digest, source = %version.source, "policy version installed");
+                Ok(version)
+            }
+            Err(err) => Err(self.failed(name, err)),
+        }
+    }
+
+    fn prepare(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        source: String,
+    ) -> Result<Arc<PolicyVersion>, PolicyError> {
+        if !valid_name(name) {
+            return Err(PolicyError::Name(name.to_owned()));
+        }
+        let compiled = self.engine.compile(bytes)?;
+        let version = Arc::new(PolicyVersion::new(
+            &self.engine,
+            name,
+            source,
+            bytes,
+            compiled,
+        ));
+        super::check::trial(&self.engine, &version).map_err(PolicyError::Trial)?;
+        Ok(version)
+    }
+
+    fn failed(&self, name: &str, err: PolicyError) -> PolicyError {
+        self.metrics.reload(name, "failed");
+        tracing::warn!(policy = name, cause = %err, "policy not installed; the previous version keeps serving");
+        if let Some(slot) = self.slot(name) {
+            *slot.last_error.lock().expect("last error") = Some(err.to_string());
+        } else if valid_name(name) {
+            *self
+                .slot_or_create(name)
+                .last_error
+                .lock()
+                .expect("last error") = Some(err.to_string());
+        }
+        err
+    }
+
+    pub fn slot(&self, name: &str) -> Option<Arc<PolicySlot>> {
+        self.slots.read().expect("policy slots").get(name).cloned()
+    }
+
+    fn slot_or_create(&self, name: &str) -> Arc<PolicySlot> {
+        if let Some(slot) = self.slot(name) {
+            return slot;
+        }
+        let mut slots = self.slots.write().expect("policy slots");
+        slots
+            .entry(name.into())
+            .or_insert_with(|| {
+                Arc::new(PolicySlot {
+                    name: name.into(),
+                    current: ArcSwapOption::empty(),
+                    last_good: ArcSwapOption::empty(),
+                    last_error: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    /// Names with a version serving, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .slots
+            .read()
+            .expect("policy slots")
+            .values()
+            .filter(|s| s.current().is_some())
+            .map(|s| s.name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// True when `name` has a version serving.
+    pub fn has(&self, name: &str) -> bool {
+        self.slot(name).is_some_and(|s| s.current().is_some())
+    }
+
+    /// The balancer for routes naming `name` (its slot is created empty if
+    /// needed, and filled when a version arrives).
+    pub fn balancer(&self, name: &str) -> Arc<dyn Balancer> {
+        Arc::new(WasmBalancer {
+            slot: self.slot_or_create(name),
+            engine: self.engine.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Every policy, for the admin view.
+    pub fn describe(&self) -> serde_json::Value {
+        let slots: BTreeMap<Arc<str>, Arc<PolicySlot>> = self
+            .slots
+            .read()
+            .expect("policy slots")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let policies: serde_json::Map<String, serde_json::Value> = slots
+            .iter()
+            .map(|(name, slot)| {
+                let v = slot.current();
+                let version = v.as_ref().map(|v| {
+                    serde_json::json!({
+                        "digest": v.digest,
+                        "source": v.source,
+                        "loaded_at_unix": v.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                        "picks": v.picks.load(std::sync::atomic::Ordering::Relaxed),
+                        "faults": v.faults.load(std::sync::atomic::Ordering::Relaxed),
+                        "reads_headers": v.uses_call,
+                        "learns_from_outcomes": v.has_observe,
+                    })
+                });
+                (name.to_string(), serde_json::json!({ "current": version, "last_error": slot.last_error() }))
+            })
+            .collect();
+        serde_json::json!({
+            "dir": self.dir.as_ref().map(|d| d.display().to_string()),
+            "limits": { "deadline_us": self.engine.limits.deadline.as_micros() as u64, "memory_bytes": self.engine.limits.memory_bytes },
+            "policies": policies,
+        })
+    }
+}
+
+/// `dir/<name>.wasm` → `name`.
+pub fn policy_name(path: &Path) -> Option<String> {
+    if path.extension()? != "wasm" {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    valid_name(stem).then(|| stem.to_owned())
+}
+
+/// A policy behind the `Balancer` seam.
+pub struct WasmBalancer {
+    slot: Arc<PolicySlot>,
+    engine: Arc<PolicyEngine>,
+    metrics: PolicyMetrics,
+}
+
+impl Balancer for WasmBalancer {
+    fn name(&self) -> &str {
+        &self.slot.name
+    }
+
+    fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
+        let Some(version) = self.slot.current.load_full() else {
+            return Err(PickError(format!(
+                "policy {:?} has no version loaded",
+                &*self.slot.name
+            )));
+        };
+        let started = Instant::now();
+        let outcome = version.pick(&self.engine, ctx, ctx.members);
+        self.metrics.picked(&self.slot.name, started.elapsed());
+        outcome.map_err(|fault| {
+            self.metrics.fault(&self.slot.name, fault.kind());
+            if version.consecutive_faults() >= REVERT_AFTER {
+                self.revert(&version, &fault);
+            }
+            PickError(format!("policy {:?} {fault}", &*self.slot.name))
+        })
+    }
+}
+
+impl WasmBalancer {
+    fn revert(&self, failing: &Arc<PolicyVersion>, fault: &super::version::Fault) {
+        let Some(good) = self.slot.last_good.load_full() else {
+            return;
+        };
+        let swapped = self
+            .slot
+            .current
+            .compare_and_swap(&Some(failing.clone()), Some(good.clone()));
+        if swapped
+            .as_ref()
+            .is_some_and(|cur| Arc::ptr_eq(cur, failing))
+        {
+            self.metrics.reverted(&self.slot.name);
+            *self.slot.last_error.lock().expect("last error") = Some(format!(
+                "version {} reverted after {REVERT_AFTER} faults in a row (last: {fault})",
+                failing.digest
+            ));
+            tracing::warn!(policy = %self.slot.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! One compiled version of a policy, with its long-lived instances.
+//!
+//! Policy state (a round-robin counter, a hash ring) lives in an instance's
+//! memory, so instances are kept, never made per call. A version keeps a few
+//! of them so both cores can pick at once; a pick takes a free one without
+//! waiting when it can. An instance that trapped cannot be entered again: it
+//! is dropped and a fresh one made from the `InstancePre` on the next pick.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+
+use super::engine::{Compiled, PolicyEngine};
+use super::host::{Balancer, BalancerPre, CallView, HostState};
+use crate::balance::PickContext;
+
+/// Why a pick did not give a usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    #[error("ran past its deadline")]
+    Deadline,
+    #[error("hit its memory limit")]
+    Memory,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("picked {0}, out of range")]
+    OutOfRange(u32),
+    #[error("returned an error: {0}")]
+    Error(String),
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl Fault {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Deadline => "deadline",
+            Fault::Memory => "memory",
+            Fault::Trap(_) => "trap",
+            Fault::OutOfRange(_) => "out_of_range",
+            Fault::Error(_) => "error",
+            Fault::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+struct Live {
+    store: Store<HostState>,
+    bindings: Balancer,
+}
+
+pub struct PolicyVersion {
+    pub name: Arc<str>,
+    /// A short digest of the component's bytes, to tell versions apart.
+    pub digest: String,
+    /// Where it came from: a file path or an etcd key.
+    pub source: String,
+    pub loaded_at: SystemTime,
+    pub uses_call: bool,
+    pub has_observe: bool,
+    pre: BalancerPre<HostState>,
+    slots: Box<[Mutex<Option<Live>>]>,
+    next: AtomicUsize,
+    pub picks: AtomicU64,
+    pub faults: AtomicU64,
+    consecutive_faults: AtomicU32,
+}
+
+impl PolicyVersion {
+    pub fn new(
+        engine: &PolicyEngine,
+        name: &str,
+        source: String,
+        bytes: &[u8],
+        compiled: Compiled,
+    ) -> PolicyVersion {
+        PolicyVersion {
+            name: name.into(),
+            digest: digest(bytes),
+            source,
+            loaded_at: SystemTime::now(),
+            uses_call: compiled.uses_call,
+            has_observe: compiled.has_observe,
+            pre: compiled.pre,
+            slots: (0..engine.limits.instances.max(1))
+                .map(|_| Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+            picks: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            consecutive_faults: AtomicU32::new(0),
+        }
+    }
+
+    pub fn consecutive_faults(&self) -> u32 {
+        self.consecutive_faults.load(Ordering::Relaxed)
+    }
+
+    /// Asks the policy for a position in `ctx.candidates`.
+    pub fn pick(
+        &self,
+        engine: &PolicyEngine,
+        ctx: &PickContext<'_>,
+        members: &Arc<crate::proxy::services::Members>,
+    ) -> Result<usize, Fault> {
+        self.picks.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.pick_inner(engine, ctx, members);
+        match &outcome {
+            Ok(_) => self.consecutive_faults.store(0, Ordering::Relaxed),
+            Err(_) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                self.consecutive_faults.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    fn pick_inner(
+        &self,
+        engine: &PolicyEngine,
+        ctx: &PickContext<'_>,
+        members: &Arc<crate::proxy::services::Members>,
+    ) -> Result<usize, Fault> {
+        let mut slot = self.acquire();
+        if slot.is_none() {
+            *slot = Some(
+                self.instantiate(engine)
+                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
+            );
+        }
+        let live = slot.as_mut().expect("instantiated above");
+        let view = &mut live.store.data_mut().call;
+        view.members = Some(members.clone());
+        view.candidates.clear();
+        view.candidates
+            .extend(ctx.candidates.iter().map(|&c| c as u32));
+        if self.uses_call {
+            view.service = ctx.service.into();
+            view.method.clear();
+            view.method.push_str(ctx.method);
+            view.headers = Some(ctx.headers.clone());
+        }
+        live.store.set_epoch_deadline(engine.deadline_ticks());
+        let result = live.bindings.call_pick(&mut live.store);
+        let view = &mut live.store.data_mut().call;
+        view.members = None;
+        view.headers = None;
+        match result {
+            Ok(Ok(i)) if (i as usize) < ctx.candidates.len() => Ok(i as usize),
+            Ok(Ok(i)) => Err(Fault::OutOfRange(i)),
+            Ok(Err(msg)) => Err(Fault::Error(msg.chars().take(256).collect())),
+            Err(err) => {
+                // The instance cannot be entered again after a trap.
+                *slot = None;
+                Err(classify(&err))
+            }
+        }
+    }
+
+    /// A free instance slot, waiting only when every one is busy.
+    fn acquire(&self) -> MutexGuard<'_, Option<Live>> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.slots.len();
+        for k in 0..n {
+            if let Ok(guard) = self.slots[(start + k) % n].try_lock() {
+                return guard;
+            }
+        }
+        // Every slot is picking: a pick takes microseconds, so wait for ours.
+        self.slots[start % n]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn instantiate(&self, engine: &PolicyEngine) -> wasmtime::Result<Live> {
+        let state = HostState {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(engine.limits.memory_bytes)
+                .instances(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            call: CallView::default(),
+            policy: self.name.clone(),
+            zone: engine.zone.clone(),
+        };
+        let mut store = Store::new(engine.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(engine.deadline_ticks());
+        let bindings = self.pre.instantiate(&mut store)?;
+        Ok(Live { store, bindings })
+    }
+}
+
+fn classify(err: &wasmtime::Error) -> Fault {
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        if *trap == Trap::Interrupt {
+            return Fault::Deadline;
+        }
+    }
+    let text = format!("{err:#}");
+    if text.contains("forcing trap when growing memory")
+        || text.contains("memory") && text.contains("limit")
+    {
+        return Fault::Memory;
+    }
+    Fault::Trap(
+        text.lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect(),
+    )
+}
+
+/// FNV-1a of the bytes, as 16 hex digits.
+pub fn digest(bytes: &[u8]) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
