@@ -432,8 +432,10 @@ mod tests {
             msg("[upstream]\nconect_timeout = \"1s\"")
         );
         assert!(msg("[upstream]\nconnect_timeout = \"soon\"").contains("upstream.connect_timeout"));
+        let no_sources = "[policy]\nfrom_etcd = false\n[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"nope\"";
+        assert!(msg(no_sources).contains("route[0].policy"));
         assert!(
-            msg("[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"nope\"")
+            msg("[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"no/pe\"")
                 .contains("route[0].policy")
         );
         assert!(msg("[[route]]\nmatch = \"a.B\"\nservice = \"s\"").contains("route[0].match"));

@@ -12,6 +12,7 @@ use crate::proxy::services::Members;
 use crate::upstream::{Backends, PoolConfig};
 
 /// `n` synthetic endpoints in three zones with weights 100, 200, 300, ... .
+/// The same `n` gives the same set; each size has its own generation.
 pub fn synthetic_members(n: usize) -> Arc<Members> {
     let endpoints = (0..n)
         .map(|i| {
@@ -31,7 +32,7 @@ pub fn synthetic_members(n: usize) -> Arc<Members> {
     let set = Arc::new(EndpointSet {
         service: "synthetic".into(),
         endpoints,
-        generation: 1,
+        generation: n as u64,
     });
     let backends = Backends::new(PoolConfig {
         connections: 1,

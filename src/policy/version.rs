@@ -51,6 +51,16 @@ struct Live {
     bindings: Balancer,
 }
 
+impl std::fmt::Debug for PolicyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyVersion")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
 pub struct PolicyVersion {
     pub name: Arc<str>,
     /// A short digest of the component's bytes, to tell versions apart.
@@ -159,17 +169,18 @@ impl PolicyVersion {
         }
     }
 
-    /// A free instance slot, waiting only when every one is busy.
+    /// The first free instance, in order: picks one after another always use
+    /// the first, so a stateful policy (round-robin's counter) stays exact;
+    /// more are used only while picks really run at the same time.
     fn acquire(&self) -> MutexGuard<'_, Option<Live>> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.slots.len();
-        for k in 0..n {
-            if let Ok(guard) = self.slots[(start + k) % n].try_lock() {
+        for slot in self.slots.iter() {
+            if let Ok(guard) = slot.try_lock() {
                 return guard;
             }
         }
-        // Every slot is picking: a pick takes microseconds, so wait for ours.
-        self.slots[start % n]
+        // Every instance is picking: a pick takes microseconds, so wait for one.
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[k]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }

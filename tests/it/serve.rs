@@ -18,11 +18,12 @@ fn an_invalid_config_is_rejected_with_the_keys_path() {
     let path = dir.path().join("weir.toml");
     std::fs::write(
         &path,
-        "[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"fastest\"\n",
+        "[policy]\nfrom_etcd = false\n[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"fastest\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["serve", "--config"])
+    // Bounded: were the file accepted, `weir serve` would run on.
+    let out = Command::new("timeout")
+        .args(["20", env!("CARGO_BIN_EXE_weir"), "serve", "--config"])
         .arg(&path)
         .output()
         .unwrap();

@@ -24,7 +24,7 @@ impl Guest for Testing {
             Some("bomb") => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(vec![1u8; 1 << 20]);
+                    hoard.push(vec![1u8; 64 << 20]);
                     core::hint::black_box(&hoard);
                 }
             }

@@ -1,0 +1,254 @@
+//! WebAssembly policies: the real compiled guests (build/policies, built by
+//! `make policies`), on synthetic sets and through the gateway.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue};
+use weir::balance::{Balancer, PickContext};
+use weir::metrics::PolicyMetrics;
+use weir::policy::check::synthetic_members;
+use weir::policy::{Limits, PolicyEngine, PolicySet};
+use weir::proxy::services::Members;
+
+pub fn policy_file(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("build/policies")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: `make test` (make policies) builds it",
+        path.display()
+    );
+    path
+}
+
+fn set() -> PolicySet {
+    PolicySet::new(
+        Arc::new(PolicyEngine::new(Limits::default(), Some("zone-1".into())).unwrap()),
+        None,
+        PolicyMetrics::default(),
+    )
+}
+
+fn loaded(name: &str) -> (PolicySet, Arc<dyn Balancer>) {
+    let set = set();
+    set.install_file(name, &policy_file(name)).unwrap();
+    let balancer = set.balancer(name);
+    (set, balancer)
+}
+
+fn pick(b: &dyn Balancer, members: &Arc<Members>, headers: &HeaderMap) -> Result<usize, String> {
+    let candidates: Vec<usize> = (0..members.len()).collect();
+    let ctx = PickContext {
+        service: "svc",
+        method: "M",
+        headers,
+        members,
+        candidates: &candidates,
+    };
+    b.pick(&ctx)
+        .map(|i| candidates[i])
+        .map_err(|e| e.to_string())
+}
+
+fn counts(b: &dyn Balancer, members: &Arc<Members>, n: usize) -> Vec<usize> {
+    let mut c = vec![0; members.len()];
+    for _ in 0..n {
+        c[pick(b, members, &HeaderMap::new()).unwrap()] += 1;
+    }
+    c
+}
+
+#[test]
+fn round_robin_is_exact() {
+    let (_set, rr) = loaded("round-robin");
+    let members = synthetic_members(7);
+    let mut c = vec![0usize; 7];
+    for n in 1..=1000 {
+        c[pick(&*rr, &members, &HeaderMap::new()).unwrap()] += 1;
+        let (lo, hi) = (c.iter().min().unwrap(), c.iter().max().unwrap());
+        assert!(
+            hi - lo <= 1,
+            "after {n} calls no backend is more than one ahead: {c:?}"
+        );
+    }
+}
+
+#[test]
+fn weighted_matches_the_weights_within_2_percent() {
+    let (_set, w) = loaded("weighted");
+    let members = synthetic_members(3); // weights 100, 200, 300
+    let c = counts(&*w, &members, 10_000);
+    for (i, want) in [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0].iter().enumerate() {
+        let got = c[i] as f64 / 10_000.0;
+        assert!(
+            (got - want).abs() <= 0.02,
+            "backend {i}: share {got:.3}, weight share {want:.3} ({c:?})"
+        );
+    }
+}
+
+#[test]
+fn least_conn_sends_new_calls_to_the_idle_backend() {
+    let (_set, lc) = loaded("least-conn");
+    let members = synthetic_members(3);
+    // Two backends hold long-running calls; the third is idle.
+    for m in &members.list[..2] {
+        for _ in 0..5 {
+            m.backend.load.start();
+        }
+    }
+    assert_eq!(counts(&*lc, &members, 200), vec![0, 0, 200]);
+    // With many backends (the power of two choices), the busy ones still lose.
+    let many = synthetic_members(20);
+    for m in &many.list[..19] {
+        for _ in 0..3 {
+            m.backend.load.start();
+        }
+    }
+    // Two of twenty are drawn per call, so the idle one wins whenever drawn:
+    // about twice its fair share, and more than any busy backend of its weight.
+    let c = counts(&*lc, &many, 2000);
+    assert!(
+        c[19] > 2000 / 20 * 3 / 2,
+        "the idle backend gets well over its share: {c:?}"
+    );
+    let same_weight_busy = (0..19)
+        .filter(|i| i % 3 == 19 % 3)
+        .map(|i| c[i])
+        .max()
+        .unwrap();
+    assert!(c[19] > same_weight_busy, "{c:?}");
+}
+
+#[test]
+fn consistent_hash_keeps_keys_and_moves_about_one_nth_when_a_backend_is_added() {
+    let (_set, ch) = loaded("consistent-hash");
+    let ten = synthetic_members(10);
+    let eleven = synthetic_members(11); // the same ten, plus one
+    let mut headers = HeaderMap::new();
+    let mut moved = 0;
+    const KEYS: u32 = 5000;
+    for k in 0..KEYS {
+        headers.insert("x-hash-key", HeaderValue::from(k));
+        let a = pick(&*ch, &ten, &headers).unwrap();
+        assert_eq!(a, pick(&*ch, &ten, &headers).unwrap(), "key {k} stays put");
+        let b = pick(&*ch, &eleven, &headers).unwrap();
+        if a != b {
+            assert_eq!(b, 10, "a key only ever moves to the new backend");
+            moved += 1;
+        }
+    }
+    let share = moved as f64 / f64::from(KEYS);
+    assert!(
+        (0.5 / 11.0..1.6 / 11.0).contains(&share),
+        "about 1/11 of keys moved: {share:.3}"
+    );
+}
+
+#[test]
+fn zone_aware_keeps_calls_in_the_gateways_zone() {
+    let (_set, z) = loaded("zone-aware");
+    let members = synthetic_members(6); // zones 0,1,2,0,1,2; the gateway is in zone-1
+    let c = counts(&*z, &members, 600);
+    assert_eq!(c[0] + c[2] + c[3] + c[5], 0, "{c:?}");
+    assert!(c[1] > 200 && c[4] > 200, "{c:?}");
+    let mut headers = HeaderMap::new();
+    headers.insert("x-zone", HeaderValue::from_static("zone-2"));
+    for _ in 0..50 {
+        assert!([2, 5].contains(&pick(&*z, &members, &headers).unwrap()));
+    }
+}
+
+fn testing_pick(b: &dyn Balancer, members: &Arc<Members>, misdeed: &str) -> Result<usize, String> {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-policy-test", HeaderValue::from_str(misdeed).unwrap());
+    pick(b, members, &headers)
+}
+
+#[test]
+fn the_sandbox_cuts_off_loops_memory_bombs_and_traps_and_the_next_pick_works() {
+    let (set, t) = loaded("testing");
+    let members = synthetic_members(3);
+    for (misdeed, expect) in [
+        ("loop", "ran past its deadline"),
+        ("bomb", "memory limit"),
+        ("trap", "trapped"),
+        ("range", "out of range"),
+        ("error", "asked to fail"),
+    ] {
+        let began = Instant::now();
+        let err = testing_pick(&*t, &members, misdeed).unwrap_err();
+        assert!(err.contains(expect), "{misdeed}: {err}");
+        if misdeed == "loop" {
+            assert!(
+                began.elapsed() < Duration::from_millis(50),
+                "cut off near the 1 ms deadline: {:?}",
+                began.elapsed()
+            );
+        }
+        assert_eq!(
+            pick(&*t, &members, &HeaderMap::new()),
+            Ok(0),
+            "after {misdeed}, the policy picks again"
+        );
+    }
+    let version = set.slot("testing").unwrap().current().unwrap();
+    assert_eq!(version.faults.load(std::sync::atomic::Ordering::Relaxed), 5);
+}
+
+#[test]
+fn bad_files_leave_the_previous_version_serving() {
+    let set = set();
+    let good = set.install_file("p", &policy_file("round-robin")).unwrap();
+    let core_module = b"\0asm\x01\0\0\0";
+    for (what, bytes) in [
+        ("garbage", b"not wasm at all".to_vec()),
+        ("a core module", core_module.to_vec()),
+        (
+            "another world",
+            std::fs::read(policy_file("other-world")).unwrap(),
+        ),
+    ] {
+        let err = set.install("p", &bytes, what.into()).unwrap_err();
+        let current = set.slot("p").unwrap().current().unwrap();
+        assert_eq!(
+            current.digest, good.digest,
+            "{what} left the old version serving"
+        );
+        assert!(set
+            .slot("p")
+            .unwrap()
+            .last_error()
+            .unwrap()
+            .contains(&err.to_string()));
+    }
+    let view = set.describe().to_string();
+    assert!(view.contains("last_error"), "{view}");
+}
+
+#[test]
+fn a_version_that_keeps_failing_is_reverted_to_the_last_good_one() {
+    let set = set();
+    let good = set.install_file("p", &policy_file("round-robin")).unwrap();
+    set.install_file("p", &policy_file("testing")).unwrap();
+    let b = set.balancer("p");
+    let members = synthetic_members(3);
+    for _ in 0..weir::policy::set::REVERT_AFTER {
+        assert!(testing_pick(&*b, &members, "trap").is_err());
+    }
+    assert_eq!(
+        set.slot("p").unwrap().current().unwrap().digest,
+        good.digest,
+        "reverted"
+    );
+    assert!(set
+        .slot("p")
+        .unwrap()
+        .last_error()
+        .unwrap()
+        .contains("reverted"));
+    assert!(pick(&*b, &members, &HeaderMap::new()).is_ok());
+}
