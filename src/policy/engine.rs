@@ -34,6 +34,9 @@ impl Default for Limits {
     }
 }
 
+/// Compiled components kept for reuse.
+const COMPILE_CACHE: usize = 16;
+
 /// The epoch advances every `TICK`; a pick's deadline is a number of ticks.
 const TICK: Duration = Duration::from_micros(250);
 
@@ -47,6 +50,9 @@ pub struct Compiled {
 
 pub struct PolicyEngine {
     engine: Engine,
+    /// Recently compiled components by digest: going back to a version (a
+    /// revert, a re-publish) costs no compile. Bounded; oldest out first.
+    compiled: std::sync::Mutex<std::collections::VecDeque<(String, Component)>>,
     linker: Linker<HostState>,
     pub limits: Limits,
     pub zone: Option<Arc<str>>,
@@ -74,6 +80,7 @@ impl PolicyEngine {
         let ticker = Ticker::start(engine.clone());
         Ok(PolicyEngine {
             engine,
+            compiled: Default::default(),
             linker,
             limits,
             zone,
@@ -93,8 +100,27 @@ impl PolicyEngine {
     /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
     /// is one weir provides, and it exports `pick` with the right type.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+        let digest = super::version::digest(bytes);
+        let cached = {
+            let cache = self.compiled.lock().expect("compile cache");
+            cache
+                .iter()
+                .find(|(d, _)| *d == digest)
+                .map(|(_, c)| c.clone())
+        };
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, bytes)
+                    .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+                let mut cache = self.compiled.lock().expect("compile cache");
+                if cache.len() >= COMPILE_CACHE {
+                    cache.pop_front();
+                }
+                cache.push_back((digest, c.clone()));
+                c
+            }
+        };
         let ty = component.component_type();
         // Only weir's own interfaces and WASI may be imported. WASI imports (a
         // Rust guest's std brings some) are linked to stubs that trap: a

@@ -1,7 +1,7 @@
 //! Feeding new policy versions in while traffic flows: the policy directory
 //! (notify) and etcd (`<prefix>/_policies/<name>`, through discovery).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use super::set::{policy_name, PolicySet};
 
 /// Writes are often several events (create, write, close): wait this long
 /// after the last one before reading the file.
-const SETTLE: Duration = Duration::from_millis(30);
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// Watches the policy directory and installs each `<name>.wasm` that changes.
 pub fn spawn_dir_watch(
@@ -35,6 +35,9 @@ pub fn spawn_dir_watch(
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(tokio::spawn(async move {
         let _watcher = watcher; // dropped (and stopped) with this task
+                                // One write often arrives as several events: install each content once,
+                                // so a late duplicate cannot roll back a newer version from etcd.
+        let mut installed: HashMap<PathBuf, String> = HashMap::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -56,9 +59,21 @@ pub fn spawn_dir_watch(
                     );
                     continue;
                 }
-                let set = set.clone();
+                let bytes = match tokio::fs::read(&path).await {
+                    Ok(b) => b,
+                    Err(err) => {
+                        tracing::warn!(policy = name, cause = %err, "policy file unreadable; the loaded version keeps serving");
+                        continue;
+                    }
+                };
+                let digest = super::version::digest(&bytes);
+                if installed.get(&path) == Some(&digest) {
+                    continue;
+                }
+                installed.insert(path.clone(), digest);
+                let (set, source) = (set.clone(), path.display().to_string());
                 let outcome =
-                    tokio::task::spawn_blocking(move || set.install_file(&name, &path)).await;
+                    tokio::task::spawn_blocking(move || set.install(&name, &bytes, source)).await;
                 if let Err(err) = outcome {
                     tracing::error!(cause = %err, "policy install task failed");
                 }
@@ -74,11 +89,19 @@ pub fn spawn_etcd_consumer(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // A re-list after a reconnect delivers every key again: skip what
+        // this key already installed, so it cannot undo a newer file version.
+        let mut installed: HashMap<String, String> = HashMap::new();
         loop {
             let update = tokio::select! {
                 _ = cancel.cancelled() => return,
                 u = updates.recv() => match u { Some(u) => u, None => return },
             };
+            let digest = super::version::digest(&update.bytes);
+            if installed.get(&update.key) == Some(&digest) {
+                continue;
+            }
+            installed.insert(update.key.clone(), digest);
             let set = set.clone();
             let outcome = tokio::task::spawn_blocking(move || {
                 set.install(&update.name, &update.bytes, update.key)

@@ -252,3 +252,217 @@ fn a_version_that_keeps_failing_is_reverted_to_the_last_good_one() {
         .contains("reverted"));
     assert!(pick(&*b, &members, &HeaderMap::new()).is_ok());
 }
+
+mod through_the_gateway {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use tonic::metadata::MetadataValue;
+    use tonic::Request;
+    use weir::policy::version::digest;
+    use weir::register::{Registration, RegistrationSpec};
+
+    use super::policy_file;
+    use crate::support::gateway::{admin_get, req, Env};
+    use crate::support::{client, wait_on, PREFIX};
+
+    fn route(policy: &str, dir: &std::path::Path) -> String {
+        format!(
+            "[policy]\ndir = {:?}\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"{policy}\"\n",
+            dir.display().to_string()
+        )
+    }
+
+    fn builtins() -> std::path::PathBuf {
+        policy_file("testing").parent().unwrap().to_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_misbehaving_policy_never_fails_a_call() {
+        let env = Env::start(2, &route("testing", &builtins())).await;
+        let mut c = env.client().await;
+        for misdeed in ["loop", "bomb", "trap", "range", "error"] {
+            let mut r = Request::new(req(misdeed));
+            r.metadata_mut()
+                .insert("x-policy-test", MetadataValue::try_from(misdeed).unwrap());
+            let began = Instant::now();
+            let reply = c.unary(r).await;
+            assert!(
+                reply.is_ok(),
+                "{misdeed}: the call fell back and succeeded: {reply:?}"
+            );
+            assert!(
+                began.elapsed() < Duration::from_millis(500),
+                "{misdeed}: {:?}",
+                began.elapsed()
+            );
+        }
+        let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+        for kind in ["deadline", "memory", "trap", "out_of_range", "error"] {
+            assert!(
+                m.contains(&format!(
+                    "weir_policy_faults_total{{policy=\"testing\",kind=\"{kind}\"}} 1"
+                )),
+                "{kind}:\n{m}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_swaps_by_file_and_etcd_under_load_fail_no_call() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every write brings new bytes for its source, and each differs from
+        // the version serving: the file alternates round-robin / least-conn,
+        // etcd alternates random / weighted.
+        let versions = ["round-robin", "random", "least-conn", "weighted"]
+            .map(|p| std::fs::read(policy_file(p)).unwrap());
+        std::fs::write(dir.path().join("swap.wasm"), &versions[0]).unwrap();
+        let env = Env::start(3, &route("swap", dir.path())).await;
+        let failed = std::sync::Arc::new(AtomicU64::new(0));
+        let done = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let mut c = env.client().await;
+            let (failed, done, stop) = (failed.clone(), done.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    match c.unary(req("swap")).await {
+                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        let mut etcd = client(&env.etcd).await;
+        let slot = env.gateway().policies.slot("swap").unwrap();
+        let mut took = Vec::new();
+        for i in 1..=20 {
+            let bytes = if i % 2 == 1 {
+                &versions[[1, 3][(i / 2) % 2]]
+            } else {
+                &versions[[2, 0][(i / 2 - 1) % 2]]
+            };
+            let began = Instant::now();
+            if i % 2 == 0 {
+                // Atomic replace: write beside, rename over.
+                let tmp = dir.path().join("swap.wasm.tmp");
+                std::fs::write(&tmp, bytes).unwrap();
+                std::fs::rename(&tmp, dir.path().join("swap.wasm")).unwrap();
+            } else {
+                etcd.put(format!("{PREFIX}/_policies/swap"), bytes.clone(), None)
+                    .await
+                    .unwrap();
+            }
+            let want = digest(bytes);
+            while slot.current().map(|v| v.digest.clone()) != Some(want.clone()) {
+                assert!(
+                    began.elapsed() < Duration::from_secs(5),
+                    "swap {i} never took effect"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            took.push(began.elapsed());
+            tokio::time::sleep(Duration::from_millis(30)).await; // traffic on this version
+        }
+        stop.cancel();
+        for w in workers {
+            w.await.unwrap();
+        }
+        assert_eq!(
+            failed.load(Ordering::Relaxed),
+            0,
+            "no call failed across 20 swaps"
+        );
+        assert!(
+            done.load(Ordering::Relaxed) > 200,
+            "traffic flowed: {}",
+            done.load(Ordering::Relaxed)
+        );
+        let slowest = took.iter().max().unwrap();
+        assert!(
+            *slowest < Duration::from_millis(200),
+            "each version in effect within 200 ms: {took:?}"
+        );
+        let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+        assert!(
+            m.contains("weir_policy_reloads_total{policy=\"swap\",result=\"ok\"} 21"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_aware_stops_picking_an_instance_whose_lease_is_ending() {
+        let env = Env::start(0, &route("lease-aware", &builtins())).await;
+        let mut regs = Vec::new();
+        let mut echos = Vec::new();
+        for name in ["steady", "doomed"] {
+            let echo = weir::example::EchoBackend::start(name).await.unwrap();
+            let mut spec = RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string());
+            // 5 s: kept alive every 1.7 s, a healthy lease never reads below 3 s.
+            spec.ttl_secs = 5;
+            let mut reg = Registration::spawn(client(&env.etcd).await, spec).unwrap();
+            reg.registered().await;
+            regs.push(reg);
+            echos.push(echo);
+        }
+        env.wait_endpoints("echo", 2).await;
+        let doomed = echos[1].addr.to_string();
+        let mut c = env.client().await;
+        let mut seen_doomed = false;
+        for _ in 0..20 {
+            seen_doomed |= c.unary(req("x")).await.unwrap().into_inner().instance == "doomed";
+        }
+        assert!(
+            seen_doomed,
+            "both instances serve while their leases are kept alive"
+        );
+        drop(regs.pop()); // the doomed agent crashes: no keep-alives, no revoke
+        wait_on(
+            &env.gateway().table,
+            "the doomed lease below one second, key still there",
+            Duration::from_secs(10),
+            |t| {
+                t.get("echo").is_some_and(|s| {
+                    s.endpoints.iter().any(|e| {
+                        *e.addr == doomed
+                            && e.lease
+                                .as_ref()
+                                .and_then(|l| l.remaining_ms())
+                                .is_some_and(|ms| ms < 900)
+                    })
+                })
+            },
+        )
+        .await;
+        for _ in 0..20 {
+            assert_eq!(
+                c.unary(req("x")).await.unwrap().into_inner().instance,
+                "steady",
+                "drained before etcd dropped the key"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn install_timing() {
+    let set = set();
+    for name in ["round-robin", "least-conn", "weighted", "consistent-hash"] {
+        let bytes = std::fs::read(policy_file(name)).unwrap();
+        let t = Instant::now();
+        let compiled = set.engine().compile(&bytes).unwrap();
+        let c = t.elapsed();
+        let v = Arc::new(weir::policy::version::PolicyVersion::new(
+            set.engine(),
+            name,
+            String::new(),
+            &bytes,
+            compiled,
+        ));
+        let t2 = Instant::now();
+        weir::policy::check::trial(set.engine(), &v).unwrap();
+        eprintln!("{name}: compile {c:?}, trial {:?}", t2.elapsed());
+    }
+}

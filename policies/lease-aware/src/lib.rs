@@ -3,7 +3,8 @@
 //! An endpoint whose etcd lease has less than a second left (its keep-alives
 //! stopped: the instance is probably gone) or whose health is unknown gets
 //! no new calls while others are fine. The rest share calls round-robin.
-//! When nothing is fine, every candidate is used rather than none.
+//! When nothing is fine, the call goes to the candidate with the most lease
+//! left (no lease counts as the most).
 
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
@@ -34,7 +35,8 @@ impl Guest for LeaseAware {
                 return Ok(i);
             }
         }
-        Ok(turn % n)
+        let left = |i: u32| backends::lease_ttl_ms(i).unwrap_or(i64::MAX);
+        Ok((0..n).max_by_key(|&i| left(i)).unwrap_or(turn % n))
     }
 }
 
