@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build deps policies test lint demo bench-discovery bench-load clean
+.PHONY: all build deps policies test lint demo bench-discovery bench-load bench-pick clean
 
 all: build
 
@@ -56,6 +56,10 @@ demo: deps policies
 bench-discovery: deps
 	$(CARGO) bench --locked --bench discovery_load
 	$(CARGO) bench --locked --bench discovery_apply -- --noplot
+
+# Per-pick cost of each policy, WebAssembly beside native (README figures).
+bench-pick: policies
+	$(CARGO) bench --locked --bench policy_pick -- --warm-up-time 1 --measurement-time 2 --noplot
 
 # The data path under load against HAProxy, Envoy and nginx (README figures).
 bench-load: deps

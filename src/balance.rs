@@ -16,7 +16,8 @@ use crate::proxy::services::Members;
 pub struct PickContext<'a> {
     pub service: &'a str,
     pub method: &'a str,
-    pub headers: &'a HeaderMap,
+    /// The request's headers, shared (policies that read them keep a reference).
+    pub headers: &'a Arc<HeaderMap>,
     pub members: &'a Arc<Members>,
     /// Positions in `members` that may be picked (usable, not yet tried).
     pub candidates: &'a [usize],

@@ -276,16 +276,6 @@ impl PolicyMetrics {
         m
     }
 
-    pub fn picked(&self, policy: &str, took: std::time::Duration) {
-        let label = PolicyLabel {
-            policy: policy.to_owned(),
-        };
-        self.picks.get_or_create(&label).inc();
-        self.pick_duration
-            .get_or_create(&label)
-            .observe(took.as_secs_f64());
-    }
-
     pub fn fault(&self, policy: &str, kind: &'static str) {
         self.faults
             .get_or_create(&PolicyKindLabels {

@@ -16,7 +16,7 @@ pub mod timeout;
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -107,6 +107,15 @@ struct Target<'a> {
     retries: u32,
 }
 
+/// What every attempt of a call sends.
+#[derive(Clone, Copy)]
+struct CallParts<'a> {
+    parts: &'a http::request::Parts,
+    headers: &'a Arc<HeaderMap>,
+    deadline: Option<Instant>,
+    started: Instant,
+}
+
 /// How one attempt on one backend ended.
 enum Attempt {
     Answered(Response<ResponseBody>),
@@ -164,7 +173,7 @@ impl Proxy {
         req: Request<Incoming>,
         started: Instant,
     ) -> Result<Response<ResponseBody>, (String, ProxyError)> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let unrouted = |e| ("-".to_owned(), e);
         check_grpc(&parts).map_err(unrouted)?;
         let path = parts.uri.path();
@@ -177,26 +186,40 @@ impl Proxy {
             .get("grpc-timeout")
             .and_then(timeout::parse)
             .map(|d| started + d);
+        // Shared once, so a policy that reads headers does not copy them per pick.
+        let headers = Arc::new(std::mem::take(&mut parts.headers));
 
         let members = target
             .service
             .members(&self.shared.backends, &self.shared.metrics);
         if members.is_empty() {
-            return Err((name.clone(), ProxyError::NoEndpoints { service: name }));
+            let err = if self.services.is_ready() {
+                ProxyError::NoEndpoints {
+                    service: name.clone(),
+                }
+            } else {
+                ProxyError::NotReady {
+                    service: name.clone(),
+                }
+            };
+            return Err((name, err));
         }
         self.shared.retry_budget.deposit();
         let body = ReplayBody::new(body);
+        let call = CallParts {
+            parts: &parts,
+            headers: &headers,
+            deadline,
+            started,
+        };
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         loop {
             let chosen = self
-                .pick(&target, &members, &tried, &parts.headers, method)
+                .pick(&target, &members, &tried, &headers, method)
                 .map_err(|e| (name.clone(), e))?;
             tried.push(chosen);
             let member = &members.list[chosen];
-            let error = match self
-                .attempt(&target, member, &body, &parts, deadline, started)
-                .await
-            {
+            let error = match self.attempt(&target, member, &body, &call).await {
                 Attempt::Answered(resp) => return Ok(resp),
                 Attempt::Failed(err) => return Err((name, err)),
                 Attempt::NotReached(err) => err,
@@ -220,11 +243,15 @@ impl Proxy {
         target: &Target<'_>,
         member: &Arc<Member>,
         body: &ReplayBody,
-        parts: &http::request::Parts,
-        deadline: Option<Instant>,
-        started: Instant,
+        call: &CallParts<'_>,
     ) -> Attempt {
         let service = &target.service;
+        let CallParts {
+            parts,
+            headers,
+            deadline,
+            started,
+        } = *call;
         let deadline_exceeded = || {
             Attempt::Failed(ProxyError::DeadlineExceeded {
                 service: service.name.to_string(),
@@ -252,7 +279,7 @@ impl Proxy {
         let mut upstream = Request::new(body);
         *upstream.method_mut() = http::Method::POST;
         *upstream.uri_mut() = upstream_uri(&member.backend.addr, &parts.uri);
-        *upstream.headers_mut() = parts.headers.clone();
+        *upstream.headers_mut() = HeaderMap::clone(headers);
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             upstream
@@ -315,7 +342,7 @@ impl Proxy {
         target: &Target<'_>,
         members: &Arc<Members>,
         tried: &[usize],
-        headers: &http::HeaderMap,
+        headers: &Arc<HeaderMap>,
         method: &str,
     ) -> Result<usize, ProxyError> {
         let mut candidates: SmallVec<[usize; 16]> = (0..members.len())

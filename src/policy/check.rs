@@ -47,7 +47,7 @@ pub fn synthetic_members(n: usize) -> Arc<Members> {
 pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), String> {
     let members = synthetic_members(3);
     let candidates = [0usize, 1, 2];
-    let headers = http::HeaderMap::new();
+    let headers = Arc::new(http::HeaderMap::new());
     let ctx = PickContext {
         service: "synthetic",
         method: "Trial",
@@ -70,11 +70,13 @@ pub fn spread(
 ) -> Result<Vec<(String, u32, usize)>, String> {
     let members = synthetic_members(n);
     let candidates: Vec<usize> = (0..n).collect();
-    let mut headers = http::HeaderMap::new();
+
     let mut counts = vec![0usize; n];
     for i in 0..picks {
         // Vary the key so hash-based policies show their spread.
-        headers.insert("x-hash-key", http::HeaderValue::from(i as u64));
+        let mut varied = http::HeaderMap::new();
+        varied.insert("x-hash-key", http::HeaderValue::from(i as u64));
+        let headers = Arc::new(varied);
         let ctx = PickContext {
             service: "synthetic",
             method: "Check",

@@ -25,8 +25,8 @@ pub struct CallView {
     pub candidates: Vec<u32>,
     pub service: Arc<str>,
     pub method: String,
-    /// Only copied for policies that import the `call` interface.
-    pub headers: Option<HeaderMap>,
+    /// Only set for policies that import the `call` interface.
+    pub headers: Option<Arc<HeaderMap>>,
 }
 
 /// A policy instance's store data.
@@ -111,10 +111,11 @@ impl self::weir::policy::backends::Host for HostState {
     }
 
     fn candidate_of(&mut self, total_index: u32) -> Option<u32> {
+        // Candidates are positions in the set, in ascending order.
         self.call
             .candidates
-            .iter()
-            .position(|&c| c == total_index)
+            .binary_search(&total_index)
+            .ok()
             .map(|i| i as u32)
     }
 

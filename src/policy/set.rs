@@ -15,6 +15,9 @@ use super::PolicyError;
 use crate::balance::{Balancer, PickContext, PickError};
 use crate::metrics::PolicyMetrics;
 
+/// One pick in this many is timed for `weir_policy_pick_duration_seconds`.
+const TIMED_EVERY: u64 = 32;
+
 /// Faults in a row after which a version is reverted to the last good one.
 pub const REVERT_AFTER: u32 = 10;
 
@@ -221,9 +224,14 @@ impl PolicySet {
     /// The balancer for routes naming `name` (its slot is created empty if
     /// needed, and filled when a version arrives).
     pub fn balancer(&self, name: &str) -> Arc<dyn Balancer> {
+        let label = crate::metrics::PolicyLabel {
+            policy: name.to_owned(),
+        };
         Arc::new(WasmBalancer {
             slot: self.slot_or_create(name),
             engine: self.engine.clone(),
+            picks: self.metrics.picks.get_or_create(&label).clone(),
+            pick_duration: self.metrics.pick_duration.get_or_create(&label).clone(),
             metrics: self.metrics.clone(),
         })
     }
@@ -272,10 +280,12 @@ pub fn policy_name(path: &Path) -> Option<String> {
     valid_name(stem).then(|| stem.to_owned())
 }
 
-/// A policy behind the `Balancer` seam.
+/// A policy behind the `Balancer` seam. Its metric handles are made once.
 pub struct WasmBalancer {
     slot: Arc<PolicySlot>,
     engine: Arc<PolicyEngine>,
+    picks: prometheus_client::metrics::counter::Counter,
+    pick_duration: prometheus_client::metrics::histogram::Histogram,
     metrics: PolicyMetrics,
 }
 
@@ -285,19 +295,25 @@ impl Balancer for WasmBalancer {
     }
 
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
-        let Some(version) = self.slot.current.load_full() else {
+        let guard = self.slot.current.load();
+        let Some(version) = guard.as_ref() else {
             return Err(PickError(format!(
                 "policy {:?} has no version loaded",
                 &*self.slot.name
             )));
         };
-        let started = Instant::now();
+        // Time one pick in TIMED_EVERY: reading the clock twice and filling
+        // the histogram would cost more than a simple policy's pick.
+        let timed = self.picks.inc() % TIMED_EVERY == 0;
+        let started = timed.then(Instant::now);
         let outcome = version.pick(&self.engine, ctx, ctx.members);
-        self.metrics.picked(&self.slot.name, started.elapsed());
+        if let Some(started) = started {
+            self.pick_duration.observe(started.elapsed().as_secs_f64());
+        }
         outcome.map_err(|fault| {
             self.metrics.fault(&self.slot.name, fault.kind());
             if version.consecutive_faults() >= REVERT_AFTER {
-                self.revert(&version, &fault);
+                self.revert(version, &fault);
             }
             PickError(format!("policy {:?} {fault}", &*self.slot.name))
         })

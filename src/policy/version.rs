@@ -150,7 +150,7 @@ impl PolicyVersion {
             view.service = ctx.service.into();
             view.method.clear();
             view.method.push_str(ctx.method);
-            view.headers = Some(ctx.headers.clone());
+            view.headers = Some(Arc::clone(ctx.headers));
         }
         live.store.set_epoch_deadline(engine.deadline_ticks());
         let result = live.bindings.call_pick(&mut live.store);

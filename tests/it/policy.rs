@@ -44,7 +44,7 @@ fn pick(b: &dyn Balancer, members: &Arc<Members>, headers: &HeaderMap) -> Result
     let ctx = PickContext {
         service: "svc",
         method: "M",
-        headers,
+        headers: &Arc::new(headers.clone()),
         members,
         candidates: &candidates,
     };

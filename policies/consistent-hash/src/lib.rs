@@ -14,7 +14,14 @@ use std::cell::RefCell;
 use weir::policy::{backends, call, env};
 
 const HEADER: &str = "x-hash-key";
+/// Points per endpoint: 160 for small sets, fewer for large ones, so the
+/// ring stays near 8,192 points and rebuilding it fits in a pick's deadline.
 const VNODES: u32 = 160;
+const RING_POINTS: u32 = 8192;
+
+fn vnodes(total: u32) -> u32 {
+    (RING_POINTS / total.max(1)).clamp(8, VNODES)
+}
 
 struct Ring {
     generation: u64,
@@ -42,11 +49,12 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
 
 fn rebuild(ring: &mut Ring, generation: u64) {
     let total = backends::total();
+    let per = vnodes(total);
     ring.points.clear();
-    ring.points.reserve((total * VNODES) as usize);
+    ring.points.reserve((total * per) as usize);
     for set_index in 0..total {
         let addr = backends::total_address(set_index);
-        for v in 0..VNODES {
+        for v in 0..per {
             ring.points.push((hash(addr.as_bytes(), u64::from(v)), set_index));
         }
     }
@@ -81,7 +89,7 @@ impl Guest for ConsistentHash {
                     return Ok(candidate);
                 }
                 seen_unusable += 1;
-                if seen_unusable > 4 * VNODES * 8 {
+                if seen_unusable > 4 * RING_POINTS {
                     break; // most of the ring is unusable: stop walking
                 }
             }
