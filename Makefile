@@ -42,6 +42,8 @@ build: deps
 	$(CARGO) build --locked --bins
 
 test: deps policies $(PY_ENV)
+	# The demo test runs the example binaries: cargo test only checks examples compile.
+	$(CARGO) build --locked --bin weir --examples
 	$(CARGO) test --locked --all-targets
 
 lint: deps

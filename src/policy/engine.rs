@@ -92,6 +92,11 @@ impl PolicyEngine {
         &self.engine
     }
 
+    /// Ticks of the epoch instantiating a policy may take (50 ms).
+    pub fn instantiate_ticks(&self) -> u64 {
+        (50_000 / TICK.as_micros()) as u64
+    }
+
     /// Ticks of the epoch a pick may run for (at least one full `deadline`).
     pub fn deadline_ticks(&self) -> u64 {
         (self.limits.deadline.as_micros() / TICK.as_micros()).max(1) as u64 + 1

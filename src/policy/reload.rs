@@ -70,12 +70,17 @@ pub fn spawn_dir_watch(
                 if installed.get(&path) == Some(&digest) {
                     continue;
                 }
-                installed.insert(path.clone(), digest);
                 let (set, source) = (set.clone(), path.display().to_string());
                 let outcome =
-                    tokio::task::spawn_blocking(move || set.install(&name, &bytes, source)).await;
-                if let Err(err) = outcome {
-                    tracing::error!(cause = %err, "policy install task failed");
+                    tokio::task::spawn_blocking(move || set.install(&name, &bytes, source).is_ok())
+                        .await;
+                match outcome {
+                    // Remembered only once installed: a failed attempt may be retried.
+                    Ok(true) => {
+                        installed.insert(path.clone(), digest);
+                    }
+                    Ok(false) => {}
+                    Err(err) => tracing::error!(cause = %err, "policy install task failed"),
                 }
             }
         }
@@ -101,14 +106,17 @@ pub fn spawn_etcd_consumer(
             if installed.get(&update.key) == Some(&digest) {
                 continue;
             }
-            installed.insert(update.key.clone(), digest);
-            let set = set.clone();
+            let (set, key) = (set.clone(), update.key.clone());
             let outcome = tokio::task::spawn_blocking(move || {
-                set.install(&update.name, &update.bytes, update.key)
+                set.install(&update.name, &update.bytes, update.key).is_ok()
             })
             .await;
-            if let Err(err) = outcome {
-                tracing::error!(cause = %err, "policy install task failed");
+            match outcome {
+                Ok(true) => {
+                    installed.insert(key, digest);
+                }
+                Ok(false) => {}
+                Err(err) => tracing::error!(cause = %err, "policy install task failed"),
             }
         }
     })

@@ -198,7 +198,8 @@ impl PolicyVersion {
         };
         let mut store = Store::new(engine.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(engine.deadline_ticks());
+        // Instantiating (memory set-up, start functions) gets more room than a pick.
+        store.set_epoch_deadline(engine.instantiate_ticks());
         let bindings = self.pre.instantiate(&mut store)?;
         Ok(Live { store, bindings })
     }
