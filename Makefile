@@ -44,7 +44,10 @@ build: deps
 test: deps policies $(PY_ENV)
 	# The demo test runs the example binaries: cargo test only checks examples compile.
 	$(CARGO) build --locked --bin weir --examples
-	$(CARGO) test --locked --all-targets
+	@mkdir -p build
+	set -o pipefail; $(CARGO) test --locked --all-targets 2>&1 | tee build/test.log
+	@# One closing line with the totals (cargo's own last lines are per-target, some with 0 tests).
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' build/test.log
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -44,6 +44,23 @@ fn find_binary() -> PathBuf {
     );
 }
 
+/// etcd fsyncs every write; on a test machine running many etcds at once that
+/// makes timings (a revoke, a put) swing by seconds. Test data is throwaway:
+/// keep it in memory (tmpfs) where there is one.
+fn data_dir() -> TempDir {
+    let builder = || {
+        let mut b = tempfile::Builder::new();
+        b.prefix("weir-etcd-");
+        b
+    };
+    if std::path::Path::new("/dev/shm").is_dir() {
+        if let Ok(dir) = builder().tempdir_in("/dev/shm") {
+            return dir;
+        }
+    }
+    builder().tempdir().expect("temp dir")
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -63,10 +80,7 @@ impl Etcd {
         // Ports are chosen free and then released, which can race with another
         // process; a member that fails to bind is retried on new ports.
         for attempt in 0..5 {
-            let dir = tempfile::Builder::new()
-                .prefix("weir-etcd-")
-                .tempdir()
-                .expect("temp dir");
+            let dir = data_dir();
             let members = (0..n)
                 .map(|i| Member {
                     name: format!("m{i}"),
