@@ -2,24 +2,33 @@
 
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, SignalKind};
+
 use crate::register::{RegisterError, Registration, RegistrationSpec};
 
 pub async fn run(endpoints: &[String], spec: RegistrationSpec) -> anyhow::Result<()> {
+    // Handlers first: once the key can be in etcd, a SIGTERM must revoke it,
+    // never kill the process with the default action.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let client = crate::discovery::connect(endpoints).await?;
     let key = spec.key();
     let mut registration = Registration::spawn(client, spec)?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
+    let stopped_early = tokio::select! {
         lease = registration.registered() => {
             println!("registered {key} (lease {lease:x})");
+            false
         }
-        _ = terminate.recv() => return Ok(()),
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = terminate.recv() => true,
+        _ = interrupt.recv() => true,
+    };
+    if !stopped_early {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
     }
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    // Revokes the lease if one was granted, even before the key was confirmed.
     match tokio::time::timeout(Duration::from_secs(3), registration.deregister()).await {
         Ok(Ok(())) => {
             println!("deregistered {key}");
