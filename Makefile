@@ -15,6 +15,11 @@ deps:
 	command -v etcdctl >/dev/null || missing="$$missing etcd-client"; \
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v clang >/dev/null || missing="$$missing clang"; \
+	command -v wasm-ld >/dev/null || missing="$$missing lld"; \
+	[ -f /usr/lib/wasm32-wasi/libc.a ] || missing="$$missing wasi-libc"; \
+	ls /usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1 \
+	  || missing="$$missing libclang-rt-14-dev-wasm32"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -22,14 +27,30 @@ deps:
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
 # The built-in policies, compiled from policies/ into build/policies/<name>.wasm.
-POLICY_NAMES := round-robin weighted least-conn random consistent-hash lease-aware zone-aware testing other-world
-policies: deps
+POLICY_NAMES := round-robin weighted least-conn random consistent-hash lease-aware zone-aware adaptive testing other-world
+policies: deps $(WIT_C)
 	$(CARGO) build --locked --release --manifest-path policies/Cargo.toml --target wasm32-wasip2
 	@mkdir -p build/policies
 	@for p in $(POLICY_NAMES); do \
 	  cp policies/target/wasm32-wasip2/release/weir_policy_$$(echo $$p | tr - _).wasm build/policies/$$p.wasm; \
 	done
+	@for p in $(C_POLICY_NAMES); do \
+	  out=build/c/$$p; mkdir -p $$out; \
+	  $(WIT_C) bindings wit balancer $$out && \
+	  clang --target=wasm32-wasi -O2 -Wall -Werror -I$$out -nostartfiles \
+	    -Wl,--no-entry -Wl,--gc-sections -Wl,--strip-all \
+	    -o $$out/core.wasm policies/$$p/*.c $$out/balancer.c $$out/balancer_component_type.o && \
+	  $(WIT_C) component $$out/core.wasm build/policies/$$p.wasm || exit 1; \
+	done
 	@echo "policies built into build/policies/"
+
+# Policies written in C (clang for wasm32 + wasi-libc for malloc). weir-wit-c
+# writes their bindings and makes the component: the wit-bindgen and
+# wit-component crates as a small host tool, quicker to build than the CLIs.
+C_POLICY_NAMES := least-conn-c
+WIT_C := tools/wit-c/target/release/weir-wit-c
+$(WIT_C): tools/wit-c/Cargo.toml tools/wit-c/Cargo.lock tools/wit-c/src/main.rs
+	$(CARGO) build --locked --release --manifest-path tools/wit-c/Cargo.toml
 
 # A gRPC client nobody here wrote, for the interop test: Python grpcio.
 PY_ENV := .venv/.grpcio-installed
@@ -52,6 +73,8 @@ test: deps policies $(PY_ENV)
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) fmt --manifest-path tools/wit-c/Cargo.toml -- --check
+	$(CARGO) clippy --locked --release --manifest-path tools/wit-c/Cargo.toml -- -D warnings
 
 demo: deps policies
 	$(CARGO) build --locked --bin weir --example echo_server --example echo_client

@@ -16,10 +16,11 @@ use weir::policy::check::synthetic_members;
 use weir::policy::{Limits, PolicyEngine, PolicySet};
 use weir::proxy::services::Members;
 
-const POLICIES: [&str; 5] = [
+const POLICIES: [&str; 6] = [
     "round-robin",
     "random",
     "least-conn",
+    "least-conn-c",
     "weighted",
     "consistent-hash",
 ];
@@ -158,7 +159,8 @@ fn native(policy: &str) -> Box<dyn Balancer> {
     match policy {
         "round-robin" => Box::new(RoundRobin::default()),
         "random" => Box::new(Random),
-        "least-conn" => Box::new(LeastConn),
+        // The C policy implements the same algorithm as the Rust one.
+        "least-conn" | "least-conn-c" => Box::new(LeastConn),
         "weighted" => Box::new(Weighted::default()),
         "consistent-hash" => Box::new(ConsistentHash::default()),
         other => panic!("no native twin for {other}"),

@@ -31,6 +31,27 @@ pub trait Balancer: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Returns a position in `ctx.candidates`.
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError>;
+    /// True when the policy wants to be told each call's outcome; the proxy
+    /// keeps nothing for `observe` otherwise.
+    fn learns(&self) -> bool {
+        false
+    }
+    /// How a call this policy placed ended. Called as the call ends, on the
+    /// thread that ends it: keep it short.
+    fn observe(&self, _outcome: &Outcome) {}
+}
+
+/// How a call ended, told to policies that learn from outcomes.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// The generation of the endpoint set the pick was made on.
+    pub generation: u64,
+    /// The endpoint's index in that set (its position in `Members`).
+    pub set_index: u32,
+    /// The call's gRPC status code.
+    pub status: u32,
+    /// From the gateway's receipt of the call to its end, in microseconds.
+    pub latency_us: u32,
 }
 
 #[derive(Debug, Default)]

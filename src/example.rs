@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,8 @@ struct EchoService {
     stats: Arc<EchoStats>,
     /// Extra delay added to every call (a slow instance), in ms.
     slow_ms: Arc<AtomicU64>,
+    /// A gRPC code every call fails with (a broken instance); 0 for none.
+    fail_code: Arc<AtomicU32>,
 }
 
 /// Counts a call; if dropped before `finish`, the call was cancelled.
@@ -117,11 +119,15 @@ impl EchoService {
 
     /// The error a request asked for, with details and trailing metadata.
     fn failure(&self, req: &EchoRequest) -> Option<Status> {
-        if req.fail_code == 0 {
+        let code = match req.fail_code {
+            0 => self.fail_code.load(Ordering::Relaxed),
+            asked => asked,
+        };
+        if code == 0 {
             return None;
         }
         let mut status = Status::with_details(
-            tonic::Code::from(req.fail_code as i32),
+            tonic::Code::from(code as i32),
             format!("{} failed as asked", self.name),
             bytes::Bytes::from_static(b"\x08\x2a details"),
         );
@@ -276,6 +282,7 @@ pub struct EchoBackend {
     pub addr: SocketAddr,
     pub stats: Arc<EchoStats>,
     slow_ms: Arc<AtomicU64>,
+    fail_code: Arc<AtomicU32>,
     health: HealthReporter,
     kill: tokio_util::sync::CancellationToken,
     server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -292,10 +299,12 @@ impl EchoBackend {
         let addr = listener.local_addr()?;
         let stats = Arc::new(EchoStats::default());
         let slow_ms = Arc::new(AtomicU64::new(0));
+        let fail_code = Arc::new(AtomicU32::new(0));
         let service = EchoService {
             name: name.into(),
             stats: stats.clone(),
             slow_ms: slow_ms.clone(),
+            fail_code: fail_code.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<EchoService>>().await;
@@ -313,6 +322,7 @@ impl EchoBackend {
             addr,
             stats,
             slow_ms,
+            fail_code,
             health,
             kill,
             server: std::sync::Mutex::new(Some(server)),
@@ -336,6 +346,13 @@ impl EchoBackend {
     pub fn set_slow(&self, delay: Duration) {
         self.slow_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Makes every call fail with gRPC `code` (0: succeed again), while the
+    /// instance stays up and reports SERVING: a broken instance that health
+    /// checks do not catch.
+    pub fn set_failing(&self, code: u32) {
+        self.fail_code.store(code, Ordering::Relaxed);
     }
 
     pub fn calls(&self) -> u64 {

@@ -28,7 +28,7 @@ use crate::metrics::{BackendLabel, CallLabels, ProxyMetrics};
 use crate::upstream::Backends;
 
 use body::{Observed, ReplayBody, ResponseBody};
-use call::CallRecord;
+use call::{CallRecord, Learner};
 use router::{split_path, Router};
 use services::{Member, Members, ServiceRuntime, ServiceRuntimes};
 use status::ProxyError;
@@ -103,7 +103,7 @@ pub struct Proxy {
 struct Target<'a> {
     service: Arc<ServiceRuntime>,
     /// The route's policy; `None` for unrouted calls (the service's round-robin).
-    balancer: Option<&'a dyn Balancer>,
+    balancer: Option<&'a Arc<dyn Balancer>>,
     retries: u32,
 }
 
@@ -219,7 +219,13 @@ impl Proxy {
                 .map_err(|e| (name.clone(), e))?;
             tried.push(chosen);
             let member = &members.list[chosen];
-            let error = match self.attempt(&target, member, &body, &call).await {
+            // A policy that learns from outcomes hears how this attempt ends.
+            let learner = target.balancer.filter(|b| b.learns()).map(|b| Learner {
+                balancer: b.clone(),
+                generation: members.generation(),
+                set_index: chosen as u32,
+            });
+            let error = match self.attempt(&target, member, learner, &body, &call).await {
                 Attempt::Answered(resp) => return Ok(resp),
                 Attempt::Failed(err) => return Err((name, err)),
                 Attempt::NotReached(err) => err,
@@ -242,6 +248,7 @@ impl Proxy {
         &self,
         target: &Target<'_>,
         member: &Arc<Member>,
+        learner: Option<Learner>,
         body: &ReplayBody,
         call: &CallParts<'_>,
     ) -> Attempt {
@@ -290,6 +297,7 @@ impl Proxy {
             self.shared.clone(),
             service.clone(),
             member.clone(),
+            learner,
             started,
         );
         match within(deadline, sender.send_request(upstream)).await {
@@ -318,7 +326,7 @@ impl Proxy {
         if let Some(route) = self.router.route(path) {
             return Ok(Target {
                 service: route.service.clone(),
-                balancer: Some(&*route.balancer),
+                balancer: Some(&route.balancer),
                 retries: route.retries,
             });
         }
@@ -367,7 +375,7 @@ impl Proxy {
             candidates: &candidates,
         };
         let fallback = &target.service.fallback;
-        let balancer = target.balancer.unwrap_or(fallback);
+        let balancer = target.balancer.map_or(fallback as &dyn Balancer, |b| &**b);
         let position = match balancer.pick(&ctx) {
             Ok(p) if p < candidates.len() => p,
             outcome => {

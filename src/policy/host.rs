@@ -14,15 +14,18 @@ wasmtime::component::bindgen!({
     world: "balancer",
 });
 
-pub use self::weir::policy::backends::HealthState;
+pub use self::weir::policy::backends::{HealthState, Load};
 
 /// The call a pick is about. Filled before `pick`, cleared after; its
 /// buffers are reused from call to call.
 #[derive(Default)]
 pub struct CallView {
     pub members: Option<Arc<Members>>,
-    /// Candidates, as positions in `members`.
+    /// Candidates, as positions in `members` (ascending); empty when `all`.
     pub candidates: Vec<u32>,
+    /// Every member is a candidate (the usual case): candidate i is member
+    /// i, and nothing was copied.
+    pub all: bool,
     pub service: Arc<str>,
     pub method: String,
     /// Only set for policies that import the `call` interface.
@@ -40,14 +43,30 @@ pub struct HostState {
 impl HostState {
     fn member(&self, index: u32) -> Option<&crate::proxy::services::Member> {
         let members = self.call.members.as_ref()?;
-        let position = *self.call.candidates.get(index as usize)?;
-        members.list.get(position as usize).map(|m| &**m)
+        members.list.get(self.call.position(index)?).map(|m| &**m)
+    }
+}
+
+impl CallView {
+    pub fn count(&self) -> u32 {
+        match (&self.members, self.all) {
+            (Some(m), true) => m.len() as u32,
+            _ => self.candidates.len() as u32,
+        }
+    }
+
+    /// The member position of candidate `index`.
+    fn position(&self, index: u32) -> Option<usize> {
+        if self.all {
+            return Some(index as usize);
+        }
+        self.candidates.get(index as usize).map(|&p| p as usize)
     }
 }
 
 impl self::weir::policy::backends::Host for HostState {
     fn count(&mut self) -> u32 {
-        self.call.candidates.len() as u32
+        self.call.count()
     }
 
     fn address(&mut self, index: u32) -> String {
@@ -61,9 +80,7 @@ impl self::weir::policy::backends::Host for HostState {
     }
 
     fn weights(&mut self) -> Vec<u32> {
-        (0..self.call.candidates.len() as u32)
-            .map(|i| self.weight(i))
-            .collect()
+        (0..self.call.count()).map(|i| self.weight(i)).collect()
     }
 
     fn metadata(&mut self, index: u32, key: String) -> Option<String> {
@@ -91,6 +108,21 @@ impl self::weir::policy::backends::Host for HostState {
             .map_or(0, |m| m.backend.load.latency_ewma_us())
     }
 
+    fn load_of(&mut self, index: u32) -> Load {
+        self.member(index).map_or(
+            Load {
+                active_requests: 0,
+                latency_ewma_us: 0,
+                weight: 0,
+            },
+            |m| Load {
+                active_requests: m.backend.load.active(),
+                latency_ewma_us: m.backend.load.latency_ewma_us(),
+                weight: m.endpoint.weight,
+            },
+        )
+    }
+
     fn generation(&mut self) -> u64 {
         self.call.members.as_ref().map_or(0, |m| m.generation())
     }
@@ -111,6 +143,9 @@ impl self::weir::policy::backends::Host for HostState {
     }
 
     fn candidate_of(&mut self, total_index: u32) -> Option<u32> {
+        if self.call.all {
+            return (total_index < self.call.count()).then_some(total_index);
+        }
         // Candidates are positions in the set, in ascending order.
         self.call
             .candidates
@@ -120,11 +155,17 @@ impl self::weir::policy::backends::Host for HostState {
     }
 
     fn set_index(&mut self, index: u32) -> u32 {
-        self.call
-            .candidates
-            .get(index as usize)
-            .copied()
-            .unwrap_or(u32::MAX)
+        if index >= self.call.count() {
+            return u32::MAX;
+        }
+        self.call.position(index).map_or(u32::MAX, |p| p as u32)
+    }
+
+    fn set_indices(&mut self) -> Vec<u32> {
+        if self.call.all {
+            return (0..self.call.count()).collect();
+        }
+        self.call.candidates.clone()
     }
 }
 

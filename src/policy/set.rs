@@ -12,7 +12,7 @@ use arc_swap::ArcSwapOption;
 use super::engine::PolicyEngine;
 use super::version::PolicyVersion;
 use super::PolicyError;
-use crate::balance::{Balancer, PickContext, PickError};
+use crate::balance::{Balancer, Outcome, PickContext, PickError};
 use crate::metrics::PolicyMetrics;
 
 /// One pick in this many is timed for `weir_policy_pick_duration_seconds`.
@@ -317,6 +317,26 @@ impl Balancer for WasmBalancer {
             }
             PickError(format!("policy {:?} {fault}", &*self.slot.name))
         })
+    }
+
+    fn learns(&self) -> bool {
+        self.slot
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|v| v.has_observe)
+    }
+
+    fn observe(&self, outcome: &Outcome) {
+        let guard = self.slot.current.load();
+        let Some(version) = guard.as_ref() else {
+            return;
+        };
+        if let Err(fault) = version.observe(&self.engine, outcome) {
+            // Only this observation is lost; picks are not affected.
+            self.metrics.fault(&self.slot.name, fault.kind());
+            tracing::debug!(policy = %self.slot.name, %fault, "observe failed");
+        }
     }
 }
 

@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use wasmtime::component::TypedFunc;
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::engine::{Compiled, PolicyEngine};
 use super::host::{Balancer, BalancerPre, CallView, HostState};
-use crate::balance::PickContext;
+use crate::balance::{Outcome, PickContext};
 
 /// Why a pick did not give a usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,8 @@ impl Fault {
 struct Live {
     store: Store<HostState>,
     bindings: Balancer,
+    /// The optional `observe` export (world `learning-balancer`).
+    observe: Option<TypedFunc<(u64, u32, u32, u32), ()>>,
 }
 
 impl std::fmt::Debug for PolicyVersion {
@@ -144,8 +147,15 @@ impl PolicyVersion {
         let view = &mut live.store.data_mut().call;
         view.members = Some(members.clone());
         view.candidates.clear();
-        view.candidates
-            .extend(ctx.candidates.iter().map(|&c| c as u32));
+        // Candidates are distinct positions in ascending order: as many as
+        // there are members means all of them, and nothing need be copied.
+        view.all = ctx.candidates.len() == members.len();
+        if !view.all {
+            view.candidates
+                .extend(ctx.candidates.iter().map(|&c| c as u32));
+        }
+        let count = ctx.candidates.len() as u32;
+        let generation = members.generation();
         if self.uses_call {
             view.service = ctx.service.into();
             view.method.clear();
@@ -153,7 +163,9 @@ impl PolicyVersion {
             view.headers = Some(Arc::clone(ctx.headers));
         }
         live.store.set_epoch_deadline(engine.deadline_ticks());
-        let result = live.bindings.call_pick(&mut live.store);
+        let result = live
+            .bindings
+            .call_pick(&mut live.store, count, generation, rand::random());
         let view = &mut live.store.data_mut().call;
         view.members = None;
         view.headers = None;
@@ -167,6 +179,37 @@ impl PolicyVersion {
                 Err(classify(&err))
             }
         }
+    }
+
+    /// Tells the policy how a call it placed ended (if it exports
+    /// `observe`). A fault loses this observation only: it is counted, the
+    /// instance re-made if it trapped, and no call is affected.
+    pub fn observe(&self, engine: &PolicyEngine, outcome: &Outcome) -> Result<(), Fault> {
+        if !self.has_observe {
+            return Ok(());
+        }
+        let mut slot = self.acquire();
+        if slot.is_none() {
+            *slot = Some(
+                self.instantiate(engine)
+                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
+            );
+        }
+        let live = slot.as_mut().expect("instantiated above");
+        let Some(observe) = live.observe else {
+            return Ok(());
+        };
+        live.store.set_epoch_deadline(engine.deadline_ticks());
+        let args = (
+            outcome.generation,
+            outcome.set_index,
+            outcome.status,
+            outcome.latency_us,
+        );
+        observe.call(&mut live.store, args).map_err(|err| {
+            *slot = None;
+            classify(&err)
+        })
     }
 
     /// The first free instance, in order: picks one after another always use
@@ -200,8 +243,18 @@ impl PolicyVersion {
         store.limiter(|s| &mut s.limits);
         // Instantiating (memory set-up, start functions) gets more room than a pick.
         store.set_epoch_deadline(engine.instantiate_ticks());
-        let bindings = self.pre.instantiate(&mut store)?;
-        Ok(Live { store, bindings })
+        let instance = self.pre.instance_pre().instantiate(&mut store)?;
+        let bindings = Balancer::new(&mut store, &instance)?;
+        let observe = if self.has_observe {
+            Some(instance.get_typed_func(&mut store, "observe")?)
+        } else {
+            None
+        };
+        Ok(Live {
+            store,
+            bindings,
+            observe,
+        })
     }
 }
 

@@ -8,13 +8,24 @@ use tokio::time::Instant;
 use super::services::{Member, ServiceRuntime};
 use super::status;
 use super::Shared;
+use crate::balance::{Balancer, Outcome};
 
 pub struct CallRecord {
     shared: Arc<Shared>,
     service: Arc<ServiceRuntime>,
     member: Arc<Member>,
+    learner: Option<Learner>,
     started: Instant,
     status: Option<u32>,
+}
+
+/// The policy that placed a call and wants to learn how it ended.
+pub struct Learner {
+    pub balancer: Arc<dyn Balancer>,
+    /// The endpoint set's generation at the pick.
+    pub generation: u64,
+    /// The chosen endpoint's position in that set.
+    pub set_index: u32,
 }
 
 impl CallRecord {
@@ -22,6 +33,7 @@ impl CallRecord {
         shared: Arc<Shared>,
         service: Arc<ServiceRuntime>,
         member: Arc<Member>,
+        learner: Option<Learner>,
         started: Instant,
     ) -> Self {
         member.backend.load.start();
@@ -30,6 +42,7 @@ impl CallRecord {
             shared,
             service,
             member,
+            learner,
             started,
             status: None,
         }
@@ -70,6 +83,14 @@ impl Drop for CallRecord {
             status::UNAVAILABLE => self.shared.backend_failed(&self.service, &self.member),
             status::CANCELLED => {}
             _ => backend.outlier.record_success(),
+        }
+        if let Some(learner) = self.learner.take() {
+            learner.balancer.observe(&Outcome {
+                generation: learner.generation,
+                set_index: learner.set_index,
+                status: code,
+                latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+            });
         }
     }
 }

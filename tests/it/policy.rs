@@ -107,7 +107,17 @@ fn weighted_matches_the_weights_within_2_percent() {
 
 #[test]
 fn least_conn_sends_new_calls_to_the_idle_backend() {
-    let (_set, lc) = loaded("least-conn");
+    least_conn_prefers_the_idle_backend("least-conn");
+}
+
+/// The same policy written in C (policies/least-conn-c) behaves the same.
+#[test]
+fn least_conn_written_in_c_sends_new_calls_to_the_idle_backend() {
+    least_conn_prefers_the_idle_backend("least-conn-c");
+}
+
+fn least_conn_prefers_the_idle_backend(policy: &str) {
+    let (_set, lc) = loaded(policy);
     let members = synthetic_members(3);
     // Two backends hold long-running calls; the third is idle.
     for m in &members.list[..2] {
@@ -420,6 +430,39 @@ mod through_the_gateway {
         assert!(
             m.contains("weir_policy_reloads_total{policy=\"swap\",result=\"ok\"} 21"),
             "{m}"
+        );
+    }
+
+    /// `observe` reaches the policy: the adaptive policy (world
+    /// learning-balancer) hears of each call's status and moves calls off an
+    /// instance that answers every call with INTERNAL while its health check
+    /// says SERVING, which round-robin, health checks and outlier detection
+    /// (it counts UNAVAILABLE) would all keep sending a third of the calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_learning_policy_hears_outcomes_and_avoids_a_failing_instance() {
+        let env = Env::start(3, &route("adaptive", &builtins())).await;
+        env.backend(2).set_failing(13);
+        let mut c = env.client().await;
+        let mut failed = 0u32;
+        // The first calls teach it; count only after those.
+        for i in 0..400 {
+            let reply = c.unary(req("x")).await;
+            if i >= 100 && reply.is_err() {
+                failed += 1;
+            }
+        }
+        // Probes (1 pick in 64, a third of them on the broken instance) and
+        // a pick now and then while its score climbs back: well under the
+        // hundred that round-robin would send it.
+        assert!(
+            failed < 30,
+            "{failed} of 300 calls still went to the failing instance"
+        );
+        let (_, policies) = admin_get(env.gateway().admin_addr, "/policies").await;
+        let policies: serde_json::Value = serde_json::from_str(&policies).unwrap();
+        assert_eq!(
+            policies["policies"]["adaptive"]["current"]["learns_from_outcomes"], true,
+            "{policies}"
         );
     }
 

@@ -11,7 +11,7 @@
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
 use std::cell::RefCell;
-use weir::policy::{backends, call, env};
+use weir::policy::{backends, call};
 
 const HEADER: &str = "x-hash-key";
 /// Points per endpoint: 160 for small sets, fewer for large ones, so the
@@ -65,17 +65,15 @@ fn rebuild(ring: &mut Ring, generation: u64) {
 struct ConsistentHash;
 
 impl Guest for ConsistentHash {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, generation: u64, random: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }
         let Some(key) = call::header(HEADER) else {
-            return Ok((env::random() % u64::from(n)) as u32);
+            return Ok((random % u64::from(n)) as u32);
         };
         RING.with(|ring| {
             let mut ring = ring.borrow_mut();
-            let generation = backends::generation();
             if ring.generation != generation {
                 rebuild(&mut ring, generation);
             }

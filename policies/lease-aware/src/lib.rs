@@ -22,8 +22,7 @@ fn fine(i: u32) -> bool {
 struct LeaseAware;
 
 impl Guest for LeaseAware {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, _generation: u64, _random: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }

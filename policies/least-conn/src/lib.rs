@@ -7,7 +7,7 @@
 
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
-use weir::policy::{backends, env};
+use weir::policy::backends::{self, Load};
 
 /// Up to this many candidates, all are compared.
 const SCAN_ALL: u32 = 4;
@@ -16,27 +16,25 @@ struct LeastConn;
 
 /// Calls in flight per unit of weight, compared without division. Idle
 /// candidates tie, and ties keep the first (randomly placed) one.
-fn lighter(a: u32, b: u32) -> bool {
-    let (wa, wb) = (u64::from(backends::weight(a).max(1)), u64::from(backends::weight(b).max(1)));
-    let (la, lb) = (u64::from(backends::active_requests(a)), u64::from(backends::active_requests(b)));
-    la * wb <= lb * wa
+fn lighter(a: &Load, b: &Load) -> bool {
+    let (wa, wb) = (u64::from(a.weight.max(1)), u64::from(b.weight.max(1)));
+    u64::from(a.active_requests) * wb <= u64::from(b.active_requests) * wa
 }
 
 impl Guest for LeastConn {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, _generation: u64, r: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }
-        let r = env::random();
         if n <= SCAN_ALL {
             // Start at a random candidate so ties spread instead of piling on 0.
             let start = (r % u64::from(n)) as u32;
-            let mut best = start;
+            let (mut best, mut best_load) = (start, backends::load_of(start));
             for step in 1..n {
                 let i = (start + step) % n;
-                if !lighter(best, i) {
-                    best = i;
+                let load = backends::load_of(i);
+                if !lighter(&best_load, &load) {
+                    (best, best_load) = (i, load);
                 }
             }
             return Ok(best);
@@ -44,7 +42,7 @@ impl Guest for LeastConn {
         let a = (r % u64::from(n)) as u32;
         // A second, different candidate from the high bits.
         let b = (a + 1 + ((r >> 32) % u64::from(n - 1)) as u32) % n;
-        Ok(if lighter(a, b) { a } else { b })
+        Ok(if lighter(&backends::load_of(a), &backends::load_of(b)) { a } else { b })
     }
 }
 

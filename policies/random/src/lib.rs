@@ -2,17 +2,15 @@
 
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
-use weir::policy::{backends, env};
 
 struct Random;
 
 impl Guest for Random {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, _generation: u64, random: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }
-        Ok((env::random() % u64::from(n)) as u32)
+        Ok((random % u64::from(n)) as u32)
     }
 }
 

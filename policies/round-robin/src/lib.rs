@@ -3,15 +3,13 @@
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
 use core::sync::atomic::{AtomicU32, Ordering};
-use weir::policy::backends;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 struct RoundRobin;
 
 impl Guest for RoundRobin {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, _generation: u64, _random: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }

@@ -12,7 +12,7 @@ use weir::policy::{call, env};
 struct Testing;
 
 impl Guest for Testing {
-    fn pick() -> Result<u32, String> {
+    fn pick(_count: u32, _generation: u64, _random: u64) -> Result<u32, String> {
         match call::header("x-policy-test").as_deref() {
             Some("loop") => {
                 let mut x = 0u64;

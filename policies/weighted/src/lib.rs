@@ -25,22 +25,22 @@ thread_local! {
 struct Weighted;
 
 impl Guest for Weighted {
-    fn pick() -> Result<u32, String> {
+    fn pick(_count: u32, generation: u64, _random: u64) -> Result<u32, String> {
         let weights = backends::weights();
         if weights.is_empty() {
             return Err("no candidates".into());
         }
         STATE.with(|state| {
             let mut state = state.borrow_mut();
-            let generation = backends::generation();
             if state.generation != generation {
                 state.generation = generation;
                 state.current = vec![0; backends::total() as usize];
             }
             let mut total = 0i64;
             let mut best: Option<(u32, usize)> = None;
-            for (i, w) in weights.iter().enumerate() {
-                let slot = backends::set_index(i as u32) as usize;
+            let slots = backends::set_indices();
+            for (i, (w, slot)) in weights.iter().zip(slots).enumerate() {
+                let slot = slot as usize;
                 if slot >= state.current.len() {
                     state.current.resize(slot + 1, 0);
                 }

@@ -25,13 +25,11 @@ fn two_choices(pool: &[u32], r: u64) -> u32 {
 }
 
 impl Guest for ZoneAware {
-    fn pick() -> Result<u32, String> {
-        let n = backends::count();
+    fn pick(n: u32, _generation: u64, r: u64) -> Result<u32, String> {
         if n == 0 {
             return Err("no candidates".into());
         }
         let all: Vec<u32> = (0..n).collect();
-        let r = env::random();
         let Some(zone) = call::header("x-zone").or_else(env::zone) else {
             return Ok(two_choices(&all, r));
         };

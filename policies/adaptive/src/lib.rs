@@ -1,0 +1,97 @@
+//! adaptive: learns from outcomes (world `learning-balancer`).
+//!
+//! Health checks and outlier detection catch a backend that is down; they do
+//! not catch one that answers every call with INTERNAL. This policy does:
+//! each endpoint has a score in (0, 1], kept per set index and started over
+//! when the set changes. A call that failed on the server's side cuts its
+//! endpoint's score by a third; a success wins back a sixteenth of the way to
+//! 1. A pick is the better of two random candidates by
+//! score × weight ÷ (calls in flight + 1), and one pick in 64 goes to a
+//! random candidate so a recovered endpoint is noticed.
+
+wit_bindgen::generate!({ path: "../../wit", world: "learning-balancer" });
+
+use std::cell::RefCell;
+use weir::policy::backends;
+
+/// The lowest score: an endpoint is never written off for good.
+const FLOOR: f32 = 1.0 / 64.0;
+/// One pick in this many explores.
+const EXPLORE_EVERY: u64 = 64;
+
+/// gRPC codes that mean the server failed the call (not the caller's fault).
+fn server_failure(status: u32) -> bool {
+    matches!(status, 2 | 4 | 8 | 13 | 14 | 15)
+}
+
+struct State {
+    generation: u64,
+    /// Score per set index.
+    scores: Vec<f32>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = const { RefCell::new(State { generation: u64::MAX, scores: Vec::new() }) };
+}
+
+impl State {
+    fn for_generation(&mut self, generation: u64) -> &mut Vec<f32> {
+        if self.generation != generation {
+            self.generation = generation;
+            self.scores = vec![1.0; backends::total() as usize];
+        }
+        &mut self.scores
+    }
+}
+
+struct Adaptive;
+
+impl Adaptive {
+    fn merit(scores: &[f32], candidate: u32) -> f32 {
+        let score = scores
+            .get(backends::set_index(candidate) as usize)
+            .copied()
+            .unwrap_or(1.0);
+        let load = backends::load_of(candidate);
+        score * load.weight.max(1) as f32 / (load.active_requests as f32 + 1.0)
+    }
+}
+
+impl Guest for Adaptive {
+    fn pick(n: u32, generation: u64, r: u64) -> Result<u32, String> {
+        if n == 0 {
+            return Err("no candidates".into());
+        }
+        if n == 1 || r % EXPLORE_EVERY == 0 {
+            return Ok(((r >> 8) % u64::from(n)) as u32);
+        }
+        let a = ((r >> 8) % u64::from(n)) as u32;
+        let b = (a + 1 + ((r >> 36) % u64::from(n - 1)) as u32) % n;
+        STATE.with(|state| {
+            let mut state = state.borrow_mut();
+            let scores = state.for_generation(generation);
+            Ok(if Self::merit(scores, a) >= Self::merit(scores, b) { a } else { b })
+        })
+    }
+
+    fn observe(generation: u64, set_index: u32, status: u32, _latency_us: u32) {
+        STATE.with(|state| {
+            let mut state = state.borrow_mut();
+            if state.generation != generation {
+                return; // the set changed since: the index means another endpoint
+            }
+            let Some(score) = state.scores.get_mut(set_index as usize) else {
+                return;
+            };
+            *score = if server_failure(status) {
+                (*score * 2.0 / 3.0).max(FLOOR)
+            } else if status == 0 {
+                *score + (1.0 - *score) / 16.0
+            } else {
+                *score // the caller's doing (cancelled, invalid argument...): no signal
+            };
+        });
+    }
+}
+
+export!(Adaptive);
