@@ -264,6 +264,17 @@ fn main() {
         }
         println!("{row}");
     }
+    // The same algorithm written in C and in Rust, both as components.
+    let mut row = format!("{:<16}", "C / Rust");
+    for n in SIZES {
+        if let (Some(c), Some(rust)) = (
+            median_ns("least-conn-c", "wasm", n),
+            median_ns("least-conn", "wasm", n),
+        ) {
+            row.push_str(&format!(" {:>25.2}x", c / rust));
+        }
+    }
+    println!("least-conn in {row}");
     let (which, ratio) = worst
         .iter()
         .max_by(|a, b| a.1.total_cmp(b.1))

@@ -179,6 +179,11 @@ pub struct RouteConfig {
     /// Retries of a call that never reached a backend.
     #[serde(default = "defaults::retries")]
     pub retries: u32,
+    /// The route's methods are safe to repeat: a call whose backend was
+    /// lost before it answered (connection reset, process killed) is also
+    /// retried, within `retries`, though that backend may have seen it.
+    #[serde(default)]
+    pub idempotent: bool,
 }
 
 mod defaults {

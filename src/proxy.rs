@@ -105,6 +105,8 @@ struct Target<'a> {
     /// The route's policy; `None` for unrouted calls (the service's round-robin).
     balancer: Option<&'a Arc<dyn Balancer>>,
     retries: u32,
+    /// Calls may be repeated after a backend was lost mid-call.
+    idempotent: bool,
 }
 
 /// What every attempt of a call sends.
@@ -123,6 +125,9 @@ enum Attempt {
     Failed(ProxyError),
     /// The call cannot have reached the backend: another may take it.
     NotReached(ProxyError),
+    /// The backend was lost before it answered; it may have seen the call,
+    /// so only an idempotent route may send it again.
+    Lost(ProxyError),
 }
 
 impl Proxy {
@@ -228,7 +233,8 @@ impl Proxy {
             let error = match self.attempt(&target, member, learner, &body, &call).await {
                 Attempt::Answered(resp) => return Ok(resp),
                 Attempt::Failed(err) => return Err((name, err)),
-                Attempt::NotReached(err) => err,
+                Attempt::Lost(err) if !target.idempotent => return Err((name, err)),
+                Attempt::NotReached(err) | Attempt::Lost(err) => err,
             };
             let more_allowed =
                 tried.len() <= target.retries as usize && tried.len() < members.len();
@@ -316,7 +322,7 @@ impl Proxy {
                 if refused_before_processing(&err) {
                     Attempt::NotReached(error)
                 } else {
-                    Attempt::Failed(error)
+                    Attempt::Lost(error)
                 }
             }
         }
@@ -328,6 +334,7 @@ impl Proxy {
                 service: route.service.clone(),
                 balancer: Some(&route.balancer),
                 retries: route.retries,
+                idempotent: route.idempotent,
             });
         }
         let service =
@@ -341,6 +348,7 @@ impl Proxy {
             service,
             balancer: None,
             retries: DEFAULT_RETRIES,
+            idempotent: false,
         })
     }
 

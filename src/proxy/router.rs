@@ -15,6 +15,7 @@ pub struct Route {
     pub service: Arc<ServiceRuntime>,
     pub balancer: Arc<dyn Balancer>,
     pub retries: u32,
+    pub idempotent: bool,
 }
 
 pub struct Router {
@@ -37,6 +38,7 @@ impl Router {
                 service: services.create(&r.service),
                 balancer: balancer(r),
                 retries: r.retries,
+                idempotent: r.idempotent,
             });
             if r.path.ends_with('/') {
                 prefixes.push(route);

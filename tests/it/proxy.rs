@@ -504,6 +504,57 @@ async fn a_backend_killed_under_load_fails_only_calls_in_flight_on_it() {
     assert_eq!(env.backend(1).calls(), after);
 }
 
+/// On a route marked idempotent, the calls that were in flight on a killed
+/// backend are sent again to another: under load, no call fails at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_route_retries_the_calls_lost_with_a_killed_backend() {
+    const WORKERS: usize = 8;
+    let env = Env::start(3, &format!("{ROUTE_ECHO}idempotent = true\n")).await;
+    let began = Instant::now();
+    let kill_at = began + Duration::from_millis(800);
+    let stop_at = began + Duration::from_millis(2000);
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let mut c = env.client().await;
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while Instant::now() < stop_at {
+                let slow = EchoRequest {
+                    delay_ms: 20,
+                    ..req("load")
+                };
+                match c.unary(slow).await {
+                    Ok(_) => ok += 1,
+                    Err(status) => failed.push(status),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep_until(kill_at).await;
+    let in_flight = env.backend(1).stats.active.load(Ordering::Relaxed);
+    env.backend(1).kill().await;
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (n, f) = w.await.unwrap();
+        ok += n;
+        failed.extend(f);
+    }
+    assert!(ok > 200, "calls kept flowing: {ok}");
+    assert!(failed.is_empty(), "no call failed: {failed:?}");
+    // The calls it had in flight were lost with it and sent again.
+    let (_, metrics) = admin_get(env.gateway().admin_addr, "/metrics").await;
+    let retries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_retries_total{service=\"echo\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        in_flight > 0 && retries >= in_flight,
+        "{in_flight} calls in flight on the killed backend, {retries} retried"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_not_serving_backend_stops_receiving_calls_and_comes_back() {
     let env = Env::start(3, ROUTE_ECHO).await;
