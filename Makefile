@@ -77,8 +77,8 @@ lint: deps
 	$(CARGO) clippy --locked --release --manifest-path tools/wit-c/Cargo.toml -- -D warnings
 
 demo: deps policies
-	$(CARGO) build --locked --bin weir --example echo_server --example echo_client
-	bash examples/demo.sh
+	$(CARGO) build --locked --bin weir --example echo_server --example demo
+	$(CARGO) run -q --locked --example demo
 
 # Discovery at fleet scale: 10,000 instances across 1,000 services (README figures).
 bench-discovery: deps

@@ -117,7 +117,7 @@ impl PolicyEngine {
             Some(c) => c,
             None => {
                 let c = Component::new(&self.engine, bytes)
-                    .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+                    .map_err(|e| PolicyError::Invalid(one_line(&format!("{e:#}"))))?;
                 let mut cache = self.compiled.lock().expect("compile cache");
                 if cache.len() >= COMPILE_CACHE {
                     cache.pop_front();
@@ -203,4 +203,10 @@ impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// wasmparser's messages can span lines (byte arrays printed with `{:#?}`):
+/// one line reads better in a log line and the admin view.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
