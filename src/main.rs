@@ -94,7 +94,24 @@ enum PolicyCommand {
         backends: usize,
         #[arg(long, default_value_t = 3000)]
         picks: usize,
+        /// Metadata for one synthetic endpoint, N:KEY=VALUE (N counts from
+        /// 1, as listed); repeat for more.
+        #[arg(long = "meta", value_parser = parse_endpoint_meta)]
+        meta: Vec<(usize, String, String)>,
     },
+}
+
+fn parse_endpoint_meta(s: &str) -> Result<(usize, String, String), String> {
+    let (n, kv) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not N:KEY=VALUE"))?;
+    let n: usize = n
+        .parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("{n:?} is not an endpoint number (1, 2, ...)"))?;
+    let (k, v) = parse_meta(kv)?;
+    Ok((n - 1, k, v))
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -136,10 +153,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     file,
                     backends,
                     picks,
+                    meta,
                 },
         } => {
             tokio::task::spawn_blocking(move || {
-                weir::commands::policy::check(&file, backends, picks)
+                weir::commands::policy::check(&file, backends, picks, &meta)
             })
             .await?
         }

@@ -12,6 +12,7 @@ pub mod host;
 pub mod reload;
 pub mod set;
 pub mod version;
+mod wasi_random;
 
 pub use engine::{Limits, PolicyEngine};
 pub use set::{PolicySet, WasmBalancer};

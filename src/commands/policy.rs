@@ -11,7 +11,20 @@ use crate::policy::check::spread;
 use crate::policy::version::PolicyVersion;
 use crate::policy::{Limits, PolicyEngine};
 
-pub fn check(file: &Path, backends: usize, picks: usize) -> anyhow::Result<()> {
+/// `meta`: extra metadata for synthetic endpoints, as (position, key, value).
+pub fn check(
+    file: &Path,
+    backends: usize,
+    picks: usize,
+    meta: &[(usize, String, String)],
+) -> anyhow::Result<()> {
+    if let Some((n, ..)) = meta.iter().find(|(n, ..)| *n >= backends.max(1)) {
+        anyhow::bail!(
+            "--meta names endpoint {}, but there are {} (--backends)",
+            n + 1,
+            backends.max(1)
+        );
+    }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let engine = PolicyEngine::new(Limits::default(), Some("zone-0".into()))?;
     let name = file
@@ -38,20 +51,27 @@ pub fn check(file: &Path, backends: usize, picks: usize) -> anyhow::Result<()> {
         yes_no(version.has_observe)
     );
     let began = Instant::now();
-    let counts =
-        spread(&engine, &version, backends.max(1), picks.max(1)).map_err(|e| anyhow::anyhow!(e))?;
+    let counts = spread(&engine, &version, backends.max(1), picks.max(1), meta)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let per_pick = began.elapsed().as_nanos() as f64 / picks.max(1) as f64;
     println!(
         "{picks} picks over {} synthetic endpoints (weights 100/200/300 by position, zones zone-0..2, \
          x-hash-key varying, gateway zone zone-0), {per_pick:.0} ns per pick:",
         backends.max(1)
     );
-    for (addr, weight, n) in counts {
+    for (i, (addr, weight, n)) in counts.into_iter().enumerate() {
         let share = n as f64 * 100.0 / picks.max(1) as f64;
-        println!(
-            "  {addr:<18} weight {weight:>3}  {n:>6}  {share:>5.1}%  {}",
-            "#".repeat((share / 2.0).round() as usize)
+        let extra: Vec<String> = meta
+            .iter()
+            .filter(|(at, ..)| *at == i)
+            .map(|(_, k, v)| format!("{k}={v}"))
+            .collect();
+        let line = format!(
+            "  {addr:<18} weight {weight:>3}  {n:>6}  {share:>5.1}%  {:<50} {}",
+            "#".repeat((share / 2.0).round() as usize),
+            extra.join(" ")
         );
+        println!("{}", line.trim_end());
     }
     Ok(())
 }

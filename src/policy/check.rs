@@ -11,14 +11,27 @@ use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet};
 use crate::proxy::services::Members;
 use crate::upstream::{Backends, PoolConfig};
 
+/// Synthetic sets' generations are at and above this: a policy keeps state
+/// per generation, and the trial pick runs on the instances that then serve
+/// real sets, whose generations (a counter from 1) never get this high.
+const SYNTHETIC_GENERATIONS: u64 = 1 << 63;
+
 /// `n` synthetic endpoints in three zones with weights 100, 200, 300, ... .
 /// The same `n` gives the same set; each size has its own generation.
 pub fn synthetic_members(n: usize) -> Arc<Members> {
+    synthetic_members_with(n, &[])
+}
+
+/// `synthetic_members`, with extra metadata: (position, key, value).
+pub fn synthetic_members_with(n: usize, meta: &[(usize, String, String)]) -> Arc<Members> {
     let endpoints = (0..n)
         .map(|i| {
             let addr = format!("10.0.{}.{}:50051", i / 250, i % 250 + 1);
             let mut metadata = BTreeMap::new();
             metadata.insert("zone".to_owned(), format!("zone-{}", i % 3));
+            for (_, k, v) in meta.iter().filter(|(at, ..)| *at == i) {
+                metadata.insert(k.clone(), v.clone());
+            }
             Arc::new(Endpoint {
                 key: format!("/synthetic/svc/{addr}").into(),
                 addr: addr.into(),
@@ -32,7 +45,7 @@ pub fn synthetic_members(n: usize) -> Arc<Members> {
     let set = Arc::new(EndpointSet {
         service: "synthetic".into(),
         endpoints,
-        generation: n as u64,
+        generation: SYNTHETIC_GENERATIONS | n as u64,
     });
     let backends = Backends::new(PoolConfig {
         connections: 1,
@@ -73,8 +86,9 @@ pub fn spread(
     version: &PolicyVersion,
     n: usize,
     picks: usize,
+    meta: &[(usize, String, String)],
 ) -> Result<Vec<(String, u32, usize)>, String> {
-    let members = synthetic_members(n);
+    let members = synthetic_members_with(n, meta);
     let candidates: Vec<usize> = (0..n).collect();
 
     let mut counts = vec![0usize; n];

@@ -140,6 +140,10 @@ impl PolicyEngine {
             )));
         }
         let mut linker = self.linker.clone();
+        for (name, _) in ty.imports(&self.engine) {
+            super::wasi_random::define(&mut linker, name)
+                .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+        }
         linker
             .define_unknown_imports_as_traps(&component)
             .map_err(|e| PolicyError::World(format!("{e:#}")))?;

@@ -270,14 +270,17 @@ fn classify(err: &wasmtime::Error) -> Fault {
     {
         return Fault::Memory;
     }
-    Fault::Trap(
-        text.lines()
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect(),
-    )
+    // The first line is "error while executing at wasm backtrace:"; what
+    // happened is the root cause (a trap code, or the WASI stub that was
+    // called), and the innermost frame says where.
+    let cause = err.root_cause().to_string();
+    let frame = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("0:"))
+        .map(|l| format!(" (in {})", l.trim_start_matches("0:").trim()))
+        .unwrap_or_default();
+    Fault::Trap(format!("{cause}{frame}").chars().take(300).collect())
 }
 
 /// FNV-1a of the bytes, as 16 hex digits.

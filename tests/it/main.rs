@@ -2,6 +2,7 @@
 
 mod demo;
 mod discovery;
+mod guide;
 mod policy;
 mod proxy;
 mod python;
