@@ -26,6 +26,14 @@ deps:
 	fi
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+# Policies written in C (clang for wasm32 + wasi-libc for malloc). weir-wit-c
+# writes their bindings and makes the component: the wit-bindgen and
+# wit-component crates as a small host tool, quicker to build than the CLIs.
+C_POLICY_NAMES := least-conn-c
+WIT_C := tools/wit-c/target/release/weir-wit-c
+$(WIT_C): tools/wit-c/Cargo.toml tools/wit-c/Cargo.lock tools/wit-c/src/main.rs
+	$(CARGO) build --locked --release --manifest-path tools/wit-c/Cargo.toml
+
 # The built-in policies, compiled from policies/ into build/policies/<name>.wasm.
 POLICY_NAMES := round-robin weighted least-conn random consistent-hash lease-aware zone-aware adaptive testing other-world
 policies: deps $(WIT_C)
@@ -43,14 +51,6 @@ policies: deps $(WIT_C)
 	  $(WIT_C) component $$out/core.wasm build/policies/$$p.wasm || exit 1; \
 	done
 	@echo "policies built into build/policies/"
-
-# Policies written in C (clang for wasm32 + wasi-libc for malloc). weir-wit-c
-# writes their bindings and makes the component: the wit-bindgen and
-# wit-component crates as a small host tool, quicker to build than the CLIs.
-C_POLICY_NAMES := least-conn-c
-WIT_C := tools/wit-c/target/release/weir-wit-c
-$(WIT_C): tools/wit-c/Cargo.toml tools/wit-c/Cargo.lock tools/wit-c/src/main.rs
-	$(CARGO) build --locked --release --manifest-path tools/wit-c/Cargo.toml
 
 # A gRPC client nobody here wrote, for the interop test: Python grpcio.
 PY_ENV := .venv/.grpcio-installed

@@ -415,7 +415,11 @@ idempotent = true
         let shares = self.run_step().await?;
         let slowest = Duration::from_micros(self.traffic.slowest_us.load(Ordering::Relaxed));
         let failed = self.traffic.failed.load(Ordering::Relaxed) - failed_before;
-        let retried = self.counter(retries).await.unwrap_or(0) - retried_before;
+        let retried = self
+            .counter(retries)
+            .await
+            .unwrap_or(0)
+            .saturating_sub(retried_before);
         say(&format!(
             "{retried} calls lost with beta were sent again to another backend (the route is idempotent); slowest call of this step {}",
             ms(slowest)
