@@ -145,7 +145,7 @@ async fn run() -> Result<bool> {
             false
         }
     };
-    demo.stop().await;
+    demo.stop(!ok).await;
     Ok(ok)
 }
 
@@ -673,7 +673,7 @@ idempotent = true
 
     /// Stops the backends (they deregister), then the gateway (it drains),
     /// then etcd; says what each did.
-    async fn stop(mut self) {
+    async fn stop(mut self, keep_logs: bool) {
         heading("stopping what the demo started");
         let mut stopped = Vec::new();
         for b in &mut self.backends {
@@ -704,6 +704,13 @@ idempotent = true
         say(&format!("gateway: {status}"));
         drop(self.etcd);
         say("etcd: stopped, its temp dir removed");
+        if keep_logs {
+            let logs = self.work.keep();
+            say(&format!(
+                "the logs of the gateway and the backends are kept in {}",
+                logs.display()
+            ));
+        }
     }
 }
 
