@@ -11,7 +11,10 @@ each run a short check drives calls through the same target with the example
 client (which reads grpc-status) and the run is void if any call failed.
 
 Everything listens on 127.0.0.1; every run is bounded in time.
-Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2).
+Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
+WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
+commit, run beside this one as target "baseline" to tell a regression from
+the machine's noise).
 """
 import json
 import os
@@ -174,6 +177,16 @@ def run(work, procs):
     procs.start("weir", [WEIR, "serve", "--config", os.path.join(work, "weir.toml")], env={**os.environ, "WEIR_LOG": "warn"})
     wait_port(weir_port, "weir")
     targets["weir"] = weir_port
+    baseline = os.environ.get("WEIR_BASELINE")
+    if baseline:
+        base_port, base_admin = free_port(), free_port()
+        base_toml = os.path.join(work, "baseline.toml")
+        with open(os.path.join(work, "weir.toml")) as src, open(base_toml, "w") as f:
+            f.write(src.read().replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{base_port}")
+                    .replace(f"127.0.0.1:{admin}", f"127.0.0.1:{base_admin}"))
+        procs.start("baseline", [baseline, "serve", "--config", base_toml], env={**os.environ, "WEIR_LOG": "warn"})
+        wait_port(base_port, "baseline weir")
+        targets["baseline"] = base_port
 
     haproxy_port = free_port()
     servers = "\n".join(f"  server b{i} 127.0.0.1:{p} proto h2" for i, p in enumerate(backends))
@@ -257,6 +270,9 @@ def run(work, procs):
     for t in targets:
         print(f"{t:<8} {med[t]['rps']:>9.0f} {med[t]['p50']:>8.2f} {med[t]['p99']:>8.2f}")
     print()
+    if "baseline" in med:
+        print(f"weir/baseline: throughput ratio {med['weir']['rps'] / med['baseline']['rps']:.2f}, "
+              f"p99 ratio {med['weir']['p99'] / med['baseline']['p99']:.2f}")
     for other in ("nginx", "envoy", "haproxy"):
         print(f"weir/{other}: throughput ratio {med['weir']['rps'] / med[other]['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med[other]['p99']:.2f}")
