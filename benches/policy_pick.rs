@@ -193,6 +193,7 @@ fn run(
         headers,
         members,
         candidates,
+        options: None,
     };
     b.pick(&ctx).unwrap_or(0)
 }

@@ -99,7 +99,7 @@ fn routes(state: &AdminState) -> Value {
         .config
         .routes
         .iter()
-        .map(|r| json!({ "match": r.path, "service": r.service, "policy": r.policy, "retries": r.retries, "idempotent": r.idempotent }))
+        .map(|r| json!({ "match": r.path, "service": r.service, "policy": r.policy, "retries": r.retries, "idempotent": r.idempotent, "options": r.options }))
         .collect();
     json!({ "routes": routes, "unrouted": "calls go to the etcd service named after their gRPC service" })
 }

@@ -21,7 +21,12 @@ pub struct PickContext<'a> {
     pub members: &'a Arc<Members>,
     /// Positions in `members` that may be picked (usable, not yet tried).
     pub candidates: &'a [usize],
+    /// The matched route's `[route.options]` (none for unrouted calls).
+    pub options: Option<&'a Arc<RouteOptions>>,
 }
+
+/// A route's settings for its policy: `[route.options]` in the config.
+pub type RouteOptions = std::collections::BTreeMap<String, String>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -184,6 +184,9 @@ pub struct RouteConfig {
     /// retried, within `retries`, though that backend may have seen it.
     #[serde(default)]
     pub idempotent: bool,
+    /// Settings for the route's policy, read with `call.route-option`.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 mod defaults {

@@ -22,7 +22,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::balance::{Balancer, PickContext};
+use crate::balance::{Balancer, PickContext, RouteOptions};
 use crate::config::{OutlierSection, RetrySection};
 use crate::metrics::{BackendLabel, CallLabels, ProxyMetrics};
 use crate::upstream::Backends;
@@ -107,6 +107,7 @@ struct Target<'a> {
     retries: u32,
     /// Calls may be repeated after a backend was lost mid-call.
     idempotent: bool,
+    options: Option<&'a Arc<RouteOptions>>,
 }
 
 /// What every attempt of a call sends.
@@ -335,6 +336,7 @@ impl Proxy {
                 balancer: Some(&route.balancer),
                 retries: route.retries,
                 idempotent: route.idempotent,
+                options: Some(&route.options),
             });
         }
         let service =
@@ -349,6 +351,7 @@ impl Proxy {
             balancer: None,
             retries: DEFAULT_RETRIES,
             idempotent: false,
+            options: None,
         })
     }
 
@@ -381,6 +384,7 @@ impl Proxy {
             headers,
             members,
             candidates: &candidates,
+            options: target.options,
         };
         let fallback = &target.service.fallback;
         let balancer = target.balancer.map_or(fallback as &dyn Balancer, |b| &**b);

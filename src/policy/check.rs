@@ -67,6 +67,7 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
         headers: &headers,
         members: &members,
         candidates: &candidates,
+        options: None,
     };
     // A pick the OS preempted past its deadline is not the policy's fault:
     // try again; a policy that really runs too long fails every time.
@@ -103,6 +104,7 @@ pub fn spread(
             headers: &headers,
             members: &members,
             candidates: &candidates,
+            options: None,
         };
         let at = version
             .pick(engine, &ctx, &members)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use wasmtime::StoreLimits;
 
+use crate::balance::RouteOptions;
 use crate::proxy::services::Members;
 use crate::upstream::CheckedHealth;
 
@@ -30,6 +31,8 @@ pub struct CallView {
     pub method: String,
     /// Only set for policies that import the `call` interface.
     pub headers: Option<Arc<HeaderMap>>,
+    /// The route's options; only set for policies that import `call`.
+    pub options: Option<Arc<RouteOptions>>,
 }
 
 /// A policy instance's store data.
@@ -181,6 +184,10 @@ impl self::weir::policy::call::Host for HostState {
     fn header(&mut self, name: String) -> Option<String> {
         let value = self.call.headers.as_ref()?.get(name.to_ascii_lowercase())?;
         value.to_str().ok().map(str::to_owned)
+    }
+
+    fn route_option(&mut self, key: String) -> Option<String> {
+        self.call.options.as_ref()?.get(&key).cloned()
     }
 }
 

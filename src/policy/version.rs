@@ -161,6 +161,7 @@ impl PolicyVersion {
             view.method.clear();
             view.method.push_str(ctx.method);
             view.headers = Some(Arc::clone(ctx.headers));
+            view.options = ctx.options.cloned();
         }
         live.store.set_epoch_deadline(engine.deadline_ticks());
         let result = live
@@ -169,6 +170,7 @@ impl PolicyVersion {
         let view = &mut live.store.data_mut().call;
         view.members = None;
         view.headers = None;
+        view.options = None;
         match result {
             Ok(Ok(i)) if (i as usize) < ctx.candidates.len() => Ok(i as usize),
             Ok(Ok(i)) => Err(Fault::OutOfRange(i)),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, RouteOptions};
 use crate::config::RouteConfig;
 
 use super::services::{ServiceRuntime, ServiceRuntimes};
@@ -16,6 +16,7 @@ pub struct Route {
     pub balancer: Arc<dyn Balancer>,
     pub retries: u32,
     pub idempotent: bool,
+    pub options: Arc<RouteOptions>,
 }
 
 pub struct Router {
@@ -39,6 +40,7 @@ impl Router {
                 balancer: balancer(r),
                 retries: r.retries,
                 idempotent: r.idempotent,
+                options: Arc::new(r.options.clone()),
             });
             if r.path.ends_with('/') {
                 prefixes.push(route);

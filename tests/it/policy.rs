@@ -62,6 +62,7 @@ fn pick(b: &dyn Balancer, members: &Arc<Members>, headers: &HeaderMap) -> Result
         headers: &Arc::new(headers.clone()),
         members,
         candidates: &candidates,
+        options: None,
     };
     b.pick(&ctx)
         .map(|i| candidates[i])
@@ -463,6 +464,49 @@ mod through_the_gateway {
         assert_eq!(
             policies["policies"]["adaptive"]["current"]["learns_from_outcomes"], true,
             "{policies}"
+        );
+    }
+
+    /// `[route.options]` reach the policy: consistent-hash hashes on the
+    /// header the route names, and ignores its default one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_route_option_tells_consistent_hash_which_header_to_hash_on() {
+        let config = format!(
+            "{}[route.options]\nheader = \"x-user\"\n",
+            route("consistent-hash", &builtins())
+        );
+        let env = Env::start(3, &config).await;
+        let (_, routes) = admin_get(env.gateway().admin_addr, "/routes").await;
+        assert!(routes.contains("x-user"), "{routes}");
+        let mut c = env.client().await;
+        let call = |user: String, other: String| {
+            let mut r = Request::new(req("x"));
+            r.metadata_mut()
+                .insert("x-user", MetadataValue::try_from(user).unwrap());
+            r.metadata_mut()
+                .insert("x-hash-key", MetadataValue::try_from(other).unwrap());
+            r
+        };
+        let mut homes = std::collections::HashSet::new();
+        for user in 0..30 {
+            let mut seen = std::collections::HashSet::new();
+            // The default header varies; the route's header does not.
+            for other in 0..8 {
+                let reply = c
+                    .unary(call(format!("user-{user}"), format!("k{other}")))
+                    .await;
+                seen.insert(reply.unwrap().into_inner().instance);
+            }
+            assert_eq!(
+                seen.len(),
+                1,
+                "user-{user} always lands on one backend: {seen:?}"
+            );
+            homes.extend(seen);
+        }
+        assert!(
+            homes.len() >= 2,
+            "30 users spread over the backends: {homes:?}"
         );
     }
 

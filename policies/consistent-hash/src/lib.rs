@@ -1,6 +1,7 @@
-//! consistent-hash: calls with the same `x-hash-key` header go to the same
-//! backend, and adding or removing one of N backends moves only about 1/N of
-//! the keys.
+//! consistent-hash: calls with the same key header go to the same backend,
+//! and adding or removing one of N backends moves only about 1/N of the
+//! keys. The header is the route's option `header` (`[route.options]`),
+//! `x-hash-key` by default.
 //!
 //! A ring of virtual nodes over the whole endpoint set (not just this call's
 //! candidates) is rebuilt only when the set's generation changes. A key maps
@@ -13,7 +14,7 @@ wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 use std::cell::RefCell;
 use weir::policy::{backends, call};
 
-const HEADER: &str = "x-hash-key";
+const DEFAULT_HEADER: &str = "x-hash-key";
 /// Points per endpoint: 160 for small sets, fewer for large ones, so the
 /// ring stays near 8,192 points and rebuilding it fits in a pick's deadline.
 const VNODES: u32 = 160;
@@ -69,7 +70,8 @@ impl Guest for ConsistentHash {
         if n == 0 {
             return Err("no candidates".into());
         }
-        let Some(key) = call::header(HEADER) else {
+        let header = call::route_option("header");
+        let Some(key) = call::header(header.as_deref().unwrap_or(DEFAULT_HEADER)) else {
             return Ok((random % u64::from(n)) as u32);
         };
         RING.with(|ring| {

@@ -1,8 +1,9 @@
 //! A weir balancing policy: a canary split by endpoint metadata.
 //!
-//! Endpoints registered with the metadata `track=canary` get CANARY_PERCENT
-//! of the calls; the other endpoints take the rest, in turn. With no canary
-//! among the candidates (or nothing but canaries), all of them take turns.
+//! Endpoints registered with the metadata `track=canary` get a share of the
+//! calls — the route's option `canary-percent`, else CANARY_PERCENT; the
+//! other endpoints take the rest, in turn. With no canary among the
+//! candidates (or nothing but canaries), all of them take turns.
 //!
 //! How a policy works: the gateway calls `pick` for every call, with the
 //! number of candidates (0..count are the endpoints this call may use), the
@@ -17,9 +18,10 @@ wit_bindgen::generate!({ path: "wit", world: "balancer" });
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use weir::policy::backends;
+use weir::policy::{backends, call};
 
-/// The share of calls that go to canaries, in percent.
+/// The share of calls that go to canaries, in percent, unless the route
+/// sets `canary-percent` in its `[route.options]`.
 const CANARY_PERCENT: u64 = 5;
 
 struct State {
@@ -66,8 +68,11 @@ impl Guest for Canary {
                     stable.push(candidate);
                 }
             }
+            let percent = call::route_option("canary-percent")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(CANARY_PERCENT);
             let pool = match (canary.is_empty(), stable.is_empty()) {
-                (false, false) if random % 100 < CANARY_PERCENT => canary,
+                (false, false) if random % 100 < percent => canary,
                 (false, false) | (true, false) => stable,
                 _ => canary, // nothing but canaries
             };

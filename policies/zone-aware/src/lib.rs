@@ -1,7 +1,7 @@
 //! zone-aware: keeps calls in the caller's zone, spilling over when it is busy.
 //!
-//! The zone is the request's `x-zone` header, else the gateway's own `zone`
-//! setting. Candidates whose metadata `zone` matches are preferred (the least
+//! The zone is the request's `x-zone` header (another with the route option
+//! `header`), else the gateway's own `zone` setting. Candidates whose metadata `zone` matches are preferred (the least
 //! busy of two, at random); when none matches, or the local zone's best
 //! candidate is much busier than the best elsewhere, the call spills over to
 //! every candidate.
@@ -30,7 +30,8 @@ impl Guest for ZoneAware {
             return Err("no candidates".into());
         }
         let all: Vec<u32> = (0..n).collect();
-        let Some(zone) = call::header("x-zone").or_else(env::zone) else {
+        let header = call::route_option("header");
+        let Some(zone) = call::header(header.as_deref().unwrap_or("x-zone")).or_else(env::zone) else {
             return Ok(two_choices(&all, r));
         };
         let (local, remote): (Vec<u32>, Vec<u32>) =
