@@ -78,7 +78,20 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
             _ => break,
         }
     }
-    outcome.map(|_| ()).map_err(|f| f.to_string())
+    let picked = outcome.map_err(|f| f.to_string())?;
+    if version.has_observe {
+        // A learning policy is also told how its trial call went.
+        let told = crate::balance::Outcome {
+            generation: members.generation(),
+            set_index: picked as u32,
+            status: 0,
+            latency_us: 1_000,
+        };
+        version
+            .observe(engine, &told)
+            .map_err(|f| format!("observe {f}"))?;
+    }
+    Ok(())
 }
 
 /// `weir policy check`: how `picks` synthetic picks spread over `n` endpoints.

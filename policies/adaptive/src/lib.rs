@@ -5,9 +5,11 @@
 //! each endpoint has a score in (0, 1], kept per set index and started over
 //! when the set changes. A call that failed on the server's side cuts its
 //! endpoint's score by a third; a success wins back a sixteenth of the way to
-//! 1. A pick is the better of two random candidates by
-//! score × weight ÷ (calls in flight + 1), and one pick in 64 goes to a
-//! random candidate so a recovered endpoint is noticed.
+//! 1. A pick draws two random candidates and takes one with odds in
+//! proportion to their merit, score × weight ÷ (calls in flight + 1): shares
+//! follow the weights while all is well, a failing or busy endpoint loses
+//! nearly every draw, and one pick in 64 goes to a random candidate so a
+//! recovered endpoint is noticed.
 
 wit_bindgen::generate!({ path: "../../wit", world: "learning-balancer" });
 
@@ -70,7 +72,11 @@ impl Guest for Adaptive {
         STATE.with(|state| {
             let mut state = state.borrow_mut();
             let scores = state.for_generation(generation);
-            Ok(if Self::merit(scores, a) >= Self::merit(scores, b) { a } else { b })
+            let (ma, mb) = (Self::merit(scores, a), Self::merit(scores, b));
+            // A fraction of 1 from the random number, remixed (the draws of
+            // `a` and `b` used its bits as they are).
+            let draw = (r.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / (1u64 << 24) as f32;
+            Ok(if draw * (ma + mb) < ma { a } else { b })
         })
     }
 
