@@ -38,7 +38,7 @@ async fn the_policy_guide_followed_step_by_step_gives_a_policy_the_gateway_hot_l
     // The route names the guide's policy before it exists: round-robin
     // serves until it is deployed.
     let config = format!(
-        "[policy]\ndir = {:?}\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"canary\"\n",
+        "[policy]\ndir = {:?}\ndeadline = \"100ms\"\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"canary\"\n",
         policy_dir.path().display().to_string()
     );
     let mut env = Env::start(0, &config).await;
