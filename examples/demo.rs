@@ -188,7 +188,6 @@ impl Demo {
         let mut backends = Vec::new();
         for spec in &BACKENDS {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-            let log = std::fs::File::create(work.path().join(format!("{}.log", spec.name)))?;
             let child = Command::new(&server)
                 .args([
                     "--name",
@@ -205,11 +204,7 @@ impl Demo {
                     &format!("zone={}", spec.zone),
                 ])
                 .args(["--ttl", &pace.lease_ttl.to_string()])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", server.display()))?;
+                .spawn_logged(&work.path().join(format!("{}.log", spec.name)))?;
             say(&format!(
                 "{:<6} {addr}  weight {:>3}  zone {}  (registers itself with a {} s lease)",
                 spec.name, spec.weight, spec.zone, pace.lease_ttl
@@ -250,17 +245,12 @@ idempotent = true
         );
         let config_path = work.path().join("weir.toml");
         std::fs::write(&config_path, &config)?;
-        let log = std::fs::File::create(work.path().join("gateway.log"))?;
         let gateway = Command::new(&weir)
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
             .env("WEIR_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", weir.display()))?;
+            .spawn_logged(&work.path().join("gateway.log"))?;
         say(&format!(
             "weir serve: gRPC {grpc}, admin http://{admin}, zone {GATEWAY_ZONE}; route /weir.example.v1.Echo/ -> service echo, policy \"demo\" (idempotent)"
         ));
@@ -711,6 +701,22 @@ idempotent = true
                 logs.display()
             ));
         }
+    }
+}
+
+trait SpawnLogged {
+    /// Starts the program with its output in `log`, killed if dropped.
+    fn spawn_logged(&mut self, log: &Path) -> Result<Child>;
+}
+
+impl SpawnLogged for Command {
+    fn spawn_logged(&mut self, log: &Path) -> Result<Child> {
+        let file = std::fs::File::create(log)?;
+        self.stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {:?}", self.as_std().get_program()))
     }
 }
 

@@ -69,16 +69,7 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
         candidates: &candidates,
         options: None,
     };
-    // A pick the OS preempted past its deadline is not the policy's fault:
-    // try again; a policy that really runs too long fails every time.
-    let mut outcome = version.pick(engine, &ctx, &members);
-    for _ in 0..2 {
-        match outcome {
-            Err(super::version::Fault::Deadline) => outcome = version.pick(engine, &ctx, &members),
-            _ => break,
-        }
-    }
-    let picked = outcome.map_err(|f| f.to_string())?;
+    let picked = pick_despite_preemption(engine, version, &ctx, 2).map_err(|f| f.to_string())?;
     if version.has_observe {
         // A learning policy is also told how its trial call went.
         let told = crate::balance::Outcome {
@@ -92,6 +83,28 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
             .map_err(|f| format!("observe {f}"))?;
     }
     Ok(())
+}
+
+/// A pick, tried again up to `retries` times if it ran past its deadline.
+/// Deadlines count wall time, so a pick the OS preempted (a busy machine)
+/// is not the policy's fault; a policy that really runs too long fails
+/// every time.
+fn pick_despite_preemption(
+    engine: &PolicyEngine,
+    version: &PolicyVersion,
+    ctx: &PickContext<'_>,
+    retries: usize,
+) -> Result<usize, super::version::Fault> {
+    let mut outcome = version.pick(engine, ctx, ctx.members);
+    for _ in 0..retries {
+        match outcome {
+            Err(super::version::Fault::Deadline) => {
+                outcome = version.pick(engine, ctx, ctx.members)
+            }
+            _ => break,
+        }
+    }
+    outcome
 }
 
 /// `weir policy check`: how `picks` synthetic picks spread over `n` endpoints.
@@ -119,19 +132,8 @@ pub fn spread(
             candidates: &candidates,
             options: None,
         };
-        // Deadlines count wall time: a pick the OS preempted (a busy
-        // machine) is tried again, as in the trial; a policy that really
-        // runs too long fails every time.
-        let mut outcome = version.pick(engine, &ctx, &members);
-        for _ in 0..3 {
-            match outcome {
-                Err(super::version::Fault::Deadline) => {
-                    outcome = version.pick(engine, &ctx, &members)
-                }
-                _ => break,
-            }
-        }
-        let at = outcome.map_err(|f| format!("pick {i}: {f}"))?;
+        let at = pick_despite_preemption(engine, version, &ctx, 3)
+            .map_err(|f| format!("pick {i}: {f}"))?;
         counts[at] += 1;
     }
     Ok(members

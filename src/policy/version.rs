@@ -136,13 +136,7 @@ impl PolicyVersion {
         ctx: &PickContext<'_>,
         members: &Arc<crate::proxy::services::Members>,
     ) -> Result<usize, Fault> {
-        let mut slot = self.acquire();
-        if slot.is_none() {
-            *slot = Some(
-                self.instantiate(engine)
-                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
-            );
-        }
+        let mut slot = self.acquire_live(engine)?;
         let live = slot.as_mut().expect("instantiated above");
         let view = &mut live.store.data_mut().call;
         view.members = Some(members.clone());
@@ -190,13 +184,7 @@ impl PolicyVersion {
         if !self.has_observe {
             return Ok(());
         }
-        let mut slot = self.acquire();
-        if slot.is_none() {
-            *slot = Some(
-                self.instantiate(engine)
-                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
-            );
-        }
+        let mut slot = self.acquire_live(engine)?;
         let live = slot.as_mut().expect("instantiated above");
         let Some(observe) = live.observe else {
             return Ok(());
@@ -212,6 +200,19 @@ impl PolicyVersion {
             *slot = None;
             classify(&err)
         })
+    }
+
+    /// A free instance, made first if its slot is empty (never yet used,
+    /// or dropped after a trap).
+    fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
+        let mut slot = self.acquire();
+        if slot.is_none() {
+            *slot = Some(
+                self.instantiate(engine)
+                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
+            );
+        }
+        Ok(slot)
     }
 
     /// The first free instance, in order: picks one after another always use
