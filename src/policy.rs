@@ -35,3 +35,13 @@ pub enum PolicyError {
     #[error("policy names are letters, digits, `-` and `_`: {0:?}")]
     Name(String),
 }
+
+impl PolicyError {
+    /// Whether the same bytes would be refused again. A trial pick can fail
+    /// for a busy machine (its deadline counts wall time) and a read for
+    /// the file system: those are worth another try; a malformed component
+    /// or a wrong world is not.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, PolicyError::Trial(_) | PolicyError::Read { .. })
+    }
+}

@@ -35,9 +35,9 @@ pub fn spawn_dir_watch(
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(tokio::spawn(async move {
         let _watcher = watcher; // dropped (and stopped) with this task
-                                // One write often arrives as several events: install each content once,
+                                // One write often arrives as several events: try each content once,
                                 // so a late duplicate cannot roll back a newer version from etcd.
-        let mut installed: HashMap<PathBuf, String> = HashMap::new();
+        let mut settled: HashMap<PathBuf, String> = HashMap::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -67,20 +67,12 @@ pub fn spawn_dir_watch(
                     }
                 };
                 let digest = super::version::digest(&bytes);
-                if installed.get(&path) == Some(&digest) {
+                if settled.get(&path) == Some(&digest) {
                     continue;
                 }
-                let (set, source) = (set.clone(), path.display().to_string());
-                let outcome =
-                    tokio::task::spawn_blocking(move || set.install(&name, &bytes, source).is_ok())
-                        .await;
-                match outcome {
-                    // Remembered only once installed: a failed attempt may be retried.
-                    Ok(true) => {
-                        installed.insert(path.clone(), digest);
-                    }
-                    Ok(false) => {}
-                    Err(err) => tracing::error!(cause = %err, "policy install task failed"),
+                let source = path.display().to_string();
+                if install_settles(&set, name, bytes, source).await {
+                    settled.insert(path.clone(), digest);
                 }
             }
         }
@@ -96,28 +88,42 @@ pub fn spawn_etcd_consumer(
     tokio::spawn(async move {
         // A re-list after a reconnect delivers every key again: skip what
         // this key already installed, so it cannot undo a newer file version.
-        let mut installed: HashMap<String, String> = HashMap::new();
+        let mut settled: HashMap<String, String> = HashMap::new();
         loop {
             let update = tokio::select! {
                 _ = cancel.cancelled() => return,
                 u = updates.recv() => match u { Some(u) => u, None => return },
             };
             let digest = super::version::digest(&update.bytes);
-            if installed.get(&update.key) == Some(&digest) {
+            if settled.get(&update.key) == Some(&digest) {
                 continue;
             }
-            let (set, key) = (set.clone(), update.key.clone());
-            let outcome = tokio::task::spawn_blocking(move || {
-                set.install(&update.name, &update.bytes, update.key).is_ok()
-            })
-            .await;
-            match outcome {
-                Ok(true) => {
-                    installed.insert(key, digest);
-                }
-                Ok(false) => {}
-                Err(err) => tracing::error!(cause = %err, "policy install task failed"),
+            let key = update.key.clone();
+            if install_settles(&set, update.name, update.bytes, update.key).await {
+                settled.insert(key, digest);
             }
         }
     })
+}
+
+/// Installs a content off the runtime's threads (it compiles). True when
+/// this content is settled for its source: installed, or refused for a
+/// reason the same bytes would meet again — so a duplicate event neither
+/// rolls back a newer version nor counts one refusal twice. A refusal that
+/// may pass on another try (a preempted trial pick) leaves it unsettled.
+async fn install_settles(
+    set: &Arc<PolicySet>,
+    name: String,
+    bytes: Vec<u8>,
+    source: String,
+) -> bool {
+    let set = set.clone();
+    match tokio::task::spawn_blocking(move || set.install(&name, &bytes, source)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(err)) => err.is_final(),
+        Err(err) => {
+            tracing::error!(cause = %err, "policy install task failed");
+            false
+        }
+    }
 }

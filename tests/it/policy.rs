@@ -307,7 +307,7 @@ mod through_the_gateway {
 
     use super::policy_file;
     use crate::support::gateway::{admin_get, req, Env};
-    use crate::support::{client, wait_on, PREFIX};
+    use crate::support::{client, eventually, wait_on, PREFIX};
 
     /// A route to `policy` from `dir`, under a generous pick deadline: these
     /// tests check what a policy chooses, and a pick the OS preempts past
@@ -437,6 +437,51 @@ mod through_the_gateway {
             m.contains("weir_policy_reloads_total{policy=\"swap\",result=\"ok\"} 21"),
             "{m}"
         );
+    }
+
+    /// The same broken bytes, written again (more file events), are not
+    /// tried again: one refusal is counted once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_file_is_refused_once_however_many_events_it_makes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Env::start(1, &route("round-robin", dir.path())).await;
+        let admin = env.gateway().admin_addr;
+        let failed = || async move {
+            let (_, m) = admin_get(admin, "/metrics").await;
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "weir_policy_reloads_total{policy=\"broken\",result=\"failed\"} ",
+                    )
+                })
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let broken = dir.path().join("broken.wasm");
+        std::fs::write(&broken, b"not a component").unwrap();
+        eventually(
+            "the broken file refused",
+            Duration::from_secs(10),
+            || async move { failed().await == 1 },
+        )
+        .await;
+        for _ in 0..3 {
+            std::fs::write(&broken, b"not a component").unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        // A later, valid file loading shows the watcher got past those events.
+        std::fs::copy(policy_file("random"), dir.path().join("later.wasm")).unwrap();
+        eventually(
+            "the later file loaded",
+            Duration::from_secs(10),
+            || async move {
+                let (_, p) = admin_get(admin, "/policies").await;
+                let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+                v["policies"]["later"]["current"]["digest"].is_string()
+            },
+        )
+        .await;
+        assert_eq!(failed().await, 1, "the same broken bytes were refused once");
     }
 
     /// `observe` reaches the policy: the adaptive policy (world
