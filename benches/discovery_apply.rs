@@ -2,7 +2,7 @@
 //! 1,000 services, and of the hot path's read. `make bench-discovery`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use weir::discovery::table::{Kv, KvChange, Position};
+use weir::discovery::etcd::{Kv, KvChange, Position};
 use weir::discovery::ServiceTable;
 use weir::metrics::DiscoveryMetrics;
 

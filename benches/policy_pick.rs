@@ -11,10 +11,9 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue};
 use weir::balance::{Balancer, PickContext, PickError, RoundRobin};
+use weir::members::Members;
 use weir::metrics::PolicyMetrics;
-use weir::policy::check::synthetic_members;
-use weir::policy::{Limits, PolicyEngine, PolicySet};
-use weir::proxy::services::Members;
+use weir::policy::{synthetic_members, Limits, PolicyEngine, PolicySet};
 
 const POLICIES: [&str; 6] = [
     "round-robin",

@@ -520,7 +520,7 @@ idempotent = true
     }
 
     async fn until_serving(&self, bytes: &[u8], since: Instant) -> Result<Duration> {
-        let want = weir::policy::version::digest(bytes);
+        let want = weir::policy::digest(bytes);
         let deadline = since + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.policy_digest().await.is_ok_and(|d| d == want) {

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::discovery::ServiceTable;
@@ -30,31 +31,38 @@ pub struct AdminState {
     pub config: Arc<Config>,
 }
 
-pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(err) => {
-                    tracing::warn!(cause = %err, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
+/// Serves admin requests until `cancel`; connections are tasks of `tasks`
+/// and close when `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let closing = cancel.clone();
+    crate::listener::accept_loop("admin", listener, tasks, cancel, move |stream, _peer| {
+        let (state, closing) = (state.clone(), closing.clone());
+        async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = conn.await {
+            tokio::pin!(conn);
+            let outcome = tokio::select! {
+                outcome = conn.as_mut() => outcome,
+                _ = closing.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = outcome {
                 tracing::debug!(cause = %err, "admin connection ended");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use crate::proxy::services::Members;
+use crate::members::Members;
 
 /// One call, as a policy sees it.
 pub struct PickContext<'a> {

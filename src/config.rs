@@ -291,8 +291,25 @@ default_section!(
     PolicySection
 );
 
+/// Bounds that keep arithmetic on settings from overflowing (and a typo
+/// such as `"5000d"` from meaning something nobody wants).
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+const MAX_LEASE_POLLS_PER_SECOND: u32 = 10_000;
+const MAX_POLICY_MEMORY_MIB: usize = 4096;
+const MAX_POLICY_INSTANCES: usize = 256;
+const MAX_PICK_DEADLINE: Duration = Duration::from_secs(1);
+
 /// The native policy, always available (and every policy's fallback).
 pub const NATIVE_POLICY: &str = "round-robin";
+
+/// Policy names become file names and etcd keys: keep them plain.
+pub fn valid_policy_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -333,8 +350,11 @@ impl Config {
                 "at least one etcd endpoint is needed",
             );
         }
-        if self.etcd.lease_polls_per_second == 0 {
-            return fail("etcd.lease_polls_per_second".into(), "must be at least 1");
+        if !(1..=MAX_LEASE_POLLS_PER_SECOND).contains(&self.etcd.lease_polls_per_second) {
+            return Err((
+                "etcd.lease_polls_per_second".into(),
+                format!("must be between 1 and {MAX_LEASE_POLLS_PER_SECOND}"),
+            ));
         }
         if self.upstream.connections_per_backend == 0 {
             return fail(
@@ -348,14 +368,45 @@ impl Config {
         if self.health_check.healthy_threshold == 0 || self.health_check.unhealthy_threshold == 0 {
             return fail("health_check".into(), "thresholds must be at least 1");
         }
-        if self.policy.memory_mib == 0
-            || self.policy.instances == 0
-            || self.policy.deadline.is_zero()
-        {
-            return fail(
-                "policy".into(),
-                "deadline, memory_mib and instances must be above zero",
-            );
+        let durations = [
+            ("health_check.interval", self.health_check.interval),
+            ("health_check.timeout", self.health_check.timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            (
+                "upstream.keepalive_interval",
+                self.upstream.keepalive_interval,
+            ),
+            (
+                "upstream.keepalive_timeout",
+                self.upstream.keepalive_timeout,
+            ),
+            (
+                "outlier.base_ejection_time",
+                self.outlier.base_ejection_time,
+            ),
+            ("outlier.max_ejection_time", self.outlier.max_ejection_time),
+            ("policy.deadline", self.policy.deadline),
+            ("drain_timeout", self.drain_timeout),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() || value > MAX_DURATION {
+                return Err((key.into(), "must be above zero and at most 24h".to_owned()));
+            }
+        }
+        if !(1..=MAX_POLICY_MEMORY_MIB).contains(&self.policy.memory_mib) {
+            return Err((
+                "policy.memory_mib".into(),
+                format!("must be between 1 and {MAX_POLICY_MEMORY_MIB} (a policy's 32-bit memory)"),
+            ));
+        }
+        if !(1..=MAX_POLICY_INSTANCES).contains(&self.policy.instances) {
+            return Err((
+                "policy.instances".into(),
+                format!("must be between 1 and {MAX_POLICY_INSTANCES}"),
+            ));
+        }
+        if self.policy.deadline > MAX_PICK_DEADLINE {
+            return fail("policy.deadline".into(), "must be at most 1s");
         }
         if self.outlier.max_ejection_percent > 100 {
             return fail("outlier.max_ejection_percent".into(), "must be at most 100");
@@ -376,7 +427,7 @@ impl Config {
                     "must be a non-empty etcd service name not starting with `_`",
                 );
             }
-            if !crate::policy::set::valid_name(&route.policy) {
+            if !valid_policy_name(&route.policy) {
                 return fail(
                     key("policy"),
                     "policy names are letters, digits, `-` and `_`",
@@ -450,5 +501,42 @@ mod tests {
         assert!(msg("[[route]]\nmatch = \"/a.B/\"\nservice = 3").contains("route[0].service"));
         assert!(msg("listen = \"nowhere\"").contains("listen"));
         assert!(msg("[etcd]\nendpoints = []").contains("etcd.endpoints"));
+    }
+
+    /// Each of these once panicked at start (a zero interval, a division to
+    /// zero, a multiplication or shift that overflowed) instead of naming
+    /// the key.
+    #[test]
+    fn values_that_once_panicked_are_errors_naming_their_key() {
+        for (text, key) in [
+            ("[health_check]\ninterval = \"0s\"", "health_check.interval"),
+            ("[health_check]\ntimeout = \"0s\"", "health_check.timeout"),
+            (
+                "[etcd]\nlease_polls_per_second = 4000000000",
+                "etcd.lease_polls_per_second",
+            ),
+            (
+                "[outlier]\nbase_ejection_time = \"100000000years\"",
+                "outlier.base_ejection_time",
+            ),
+            (
+                "[outlier]\nmax_ejection_time = \"0s\"",
+                "outlier.max_ejection_time",
+            ),
+            (
+                "[policy]\nmemory_mib = 18446744073709551615",
+                "policy.memory_mib",
+            ),
+            ("[policy]\ninstances = 100000000", "policy.instances"),
+            ("[policy]\ndeadline = \"1h\"", "policy.deadline"),
+            (
+                "[upstream]\nkeepalive_interval = \"0s\"",
+                "upstream.keepalive_interval",
+            ),
+            ("drain_timeout = \"0s\"", "drain_timeout"),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -4,13 +4,14 @@
 //! ([`watch`]), the lease TTL poller ([`lease`]), the snapshot file
 //! ([`snapshot`]), and the [`ServiceTable`] that the hot path reads.
 
-pub mod endpoint;
-pub mod key_format;
-pub mod lease;
-pub mod policies;
-pub mod snapshot;
-pub mod table;
-pub mod watch;
+mod endpoint;
+pub mod etcd;
+pub(crate) mod key_format;
+mod lease;
+pub(crate) mod policies;
+mod snapshot;
+mod table;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use endpoint::{DeclaredHealth, Endpoint, EndpointSet};
+pub use etcd::{connect, FollowSettings, Position};
 pub use lease::{LeaseHandle, LeasePollConfig};
-pub use table::{Position, ServiceSlot, ServiceTable};
+pub use table::{ServiceSlot, ServiceTable};
+pub use watch::spawn_watch;
 
 use crate::metrics::DiscoveryMetrics;
 
@@ -30,10 +33,8 @@ use crate::metrics::DiscoveryMetrics;
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub prefix: String,
-    /// Bound on every unary etcd request (list pages, the probe).
-    pub request_timeout: Duration,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
+    /// Request bounds and backoff of the watch sessions.
+    pub follow: FollowSettings,
     pub lease_poll: LeasePollConfig,
     /// Where the last known sets are kept; `None` keeps them in memory only.
     pub snapshot: Option<PathBuf>,
@@ -44,25 +45,11 @@ impl EtcdConfig {
         EtcdConfig {
             endpoints,
             prefix: prefix.into(),
-            request_timeout: Duration::from_secs(5),
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            follow: FollowSettings::default(),
             lease_poll: LeasePollConfig::default(),
             snapshot: None,
         }
     }
-}
-
-/// A client for `endpoints`. Connection is lazy: this succeeds while etcd is down.
-///
-/// HTTP/2 pings go every 10 s: etcd cuts streams of clients that ping more
-/// often than its `--grpc-keepalive-min-time` (5 s by default).
-pub async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true)
-        .with_connect_timeout(Duration::from_secs(3));
-    etcd_client::Client::connect(endpoints, Some(options)).await
 }
 
 /// Builds the table (from the snapshot file when there is one) and starts the

@@ -21,20 +21,28 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod balance;
 pub mod commands;
 pub mod config;
 pub mod discovery;
 #[cfg(feature = "testkit")]
 pub mod example;
+pub(crate) mod listener;
+pub mod members;
 pub mod metrics;
 pub mod policy;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod register;
 pub mod server;
-pub mod tls;
+pub(crate) mod tls;
 pub mod upstream;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+// What the binary, tests, benches and examples reach for most.
+pub use config::Config;
+pub use proxy::timeout::parse as parse_grpc_timeout;
+pub use register::{KeyFormat, Registration, RegistrationSpec};
+pub use server::Gateway;

@@ -6,16 +6,20 @@
 //! built-in round-robin, and a policy that keeps failing is reverted to its
 //! last good version.
 
-pub mod check;
-pub mod engine;
-pub mod host;
-pub mod reload;
-pub mod set;
-pub mod version;
+pub(crate) mod check;
+mod engine;
+mod host;
+pub(crate) mod reload;
+mod set;
+mod version;
 mod wasi_random;
 
+use std::sync::Arc;
+
+pub use check::synthetic_members;
 pub use engine::{Limits, PolicyEngine};
-pub use set::{PolicySet, WasmBalancer};
+pub use set::{NamedPolicy, PolicySet, WasmBalancer, REVERT_AFTER};
+pub use version::{digest, Fault, PolicyVersion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -44,4 +48,25 @@ impl PolicyError {
     pub fn is_final(&self) -> bool {
         !matches!(self, PolicyError::Trial(_) | PolicyError::Read { .. })
     }
+}
+
+/// Everything an install checks before a version may serve: the name, the
+/// component (compiled, its imports and exports those of `wit/policy.wit`)
+/// and a trial pick on a synthetic set under the sandbox limits. Installs
+/// and `weir policy check` both go through here. Blocking: it compiles.
+pub fn validate(
+    engine: &PolicyEngine,
+    name: &str,
+    bytes: &[u8],
+    source: String,
+) -> Result<Arc<version::PolicyVersion>, PolicyError> {
+    if !crate::config::valid_policy_name(name) {
+        return Err(PolicyError::Name(name.to_owned()));
+    }
+    let compiled = engine.compile(bytes)?;
+    let version = Arc::new(version::PolicyVersion::new(
+        engine, name, source, bytes, compiled,
+    ));
+    check::trial(engine, &version).map_err(PolicyError::Trial)?;
+    Ok(version)
 }

@@ -23,40 +23,58 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{Balancer, PickContext, RouteOptions};
-use crate::config::{OutlierSection, RetrySection};
 use crate::metrics::{BackendLabel, CallLabels, ProxyMetrics};
-use crate::upstream::Backends;
+use crate::upstream::{Backends, OutlierSettings, ReplayBody};
 
-use body::{Observed, ReplayBody, ResponseBody};
+use crate::members::{Member, Members};
+use body::{Observed, ResponseBody};
 use call::{CallRecord, Learner};
 use router::{split_path, Router};
-use services::{Member, Members, ServiceRuntime, ServiceRuntimes};
+use services::{ServiceRuntime, ServiceRuntimes};
 use status::ProxyError;
 
 /// Retries allowed for calls that match no route.
 const DEFAULT_RETRIES: u32 = 2;
 
+/// How many retries the gateway allows on top of its calls.
+#[derive(Clone, Debug)]
+pub struct RetrySettings {
+    /// Retries allowed as a share of calls, in percent.
+    pub budget_percent: f32,
+    /// Retries always allowed per second, whatever the share.
+    pub min_per_second: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            budget_percent: 20.0,
+            min_per_second: 10,
+        }
+    }
+}
+
 /// State every call shares.
-pub struct Shared {
+pub struct ProxyState {
     pub metrics: ProxyMetrics,
     pub backends: Arc<Backends>,
-    outlier: OutlierSection,
+    outlier: OutlierSettings,
     retry_budget: TpsBudget,
 }
 
-impl Shared {
+impl ProxyState {
     pub fn new(
         metrics: ProxyMetrics,
         backends: Arc<Backends>,
-        outlier: OutlierSection,
-        retry: &RetrySection,
+        outlier: OutlierSettings,
+        retry: &RetrySettings,
     ) -> Self {
         let budget = TpsBudget::new(
             std::time::Duration::from_secs(10),
             retry.min_per_second,
             retry.budget_percent / 100.0,
         );
-        Shared {
+        ProxyState {
             metrics,
             backends,
             outlier,
@@ -94,7 +112,7 @@ impl Shared {
 }
 
 pub struct Proxy {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     router: Router,
     services: Arc<ServiceRuntimes>,
 }
@@ -132,7 +150,7 @@ enum Attempt {
 }
 
 impl Proxy {
-    pub fn new(shared: Arc<Shared>, router: Router, services: Arc<ServiceRuntimes>) -> Self {
+    pub fn new(shared: Arc<ProxyState>, router: Router, services: Arc<ServiceRuntimes>) -> Self {
         Proxy {
             shared,
             router,
@@ -148,7 +166,7 @@ impl Proxy {
         &self.services
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<ProxyState> {
         &self.shared
     }
 
@@ -309,12 +327,12 @@ impl Proxy {
         );
         match within(deadline, sender.send_request(upstream)).await {
             None => {
-                record.set_status(status::DEADLINE_EXCEEDED, false);
+                record.set_status(status::DEADLINE_EXCEEDED);
                 deadline_exceeded()
             }
             Some(Ok(resp)) => Attempt::Answered(respond(resp, record, deadline)),
             Some(Err(err)) => {
-                record.set_status(status::UNAVAILABLE, false);
+                record.set_status(status::UNAVAILABLE);
                 let error = ProxyError::Upstream {
                     service: service.name.to_string(),
                     backend: member.backend.addr.to_string(),
@@ -466,7 +484,7 @@ fn respond(
     if parts.status != http::StatusCode::OK {
         // Not a gRPC answer: say what it was, as gRPC.
         let code = status::from_http(parts.status);
-        record.set_status(code, true);
+        record.set_status(code);
         let msg = format!(
             "backend {} answered HTTP {}",
             record.backend_addr(),
@@ -475,7 +493,7 @@ fn respond(
         return status::trailers_only(code, &msg);
     }
     if let Some(code) = status::code_of(&parts.headers) {
-        record.set_status(code, true); // trailers-only
+        record.set_status(code); // trailers-only
     }
     parts.headers.remove("content-length");
     if !parts.headers.contains_key(http::header::CONTENT_TYPE) {

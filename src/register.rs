@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::watch::Backoff;
+use crate::discovery::etcd::{bounded, Backoff, EtcdError};
 
 /// How the key and value are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -107,16 +107,20 @@ impl RegistrationSpec {
 pub enum RegisterError {
     #[error("invalid registration: {0}")]
     Invalid(String),
-    #[error("etcd request failed: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd did not answer in time")]
-    Timeout,
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
     #[error("lease {0} was lost")]
     LeaseLost(i64),
     #[error("keep-alive stream closed")]
     StreamClosed,
     #[error("the registration task stopped: {0}")]
     Task(String),
+}
+
+impl From<etcd_client::Error> for RegisterError {
+    fn from(err: etcd_client::Error) -> Self {
+        RegisterError::Etcd(EtcdError::Request(err))
+    }
 }
 
 /// Where a registration stands.
@@ -224,7 +228,7 @@ async fn hold(
     let timeout = (ttl / 2).min(Duration::from_secs(3));
     // Reuse the lease we had if etcd still knows it; otherwise grant a new one.
     if let Some(id) = *lease {
-        let ttl_left = within(timeout, client.lease_time_to_live(id, None))
+        let ttl_left = bounded(timeout, client.lease_time_to_live(id, None))
             .await?
             .ttl();
         if ttl_left <= 0 {
@@ -235,12 +239,12 @@ async fn hold(
     let id = match *lease {
         Some(id) => id,
         None => {
-            let granted = within(timeout, client.lease_grant(spec.ttl_secs, None)).await?;
+            let granted = bounded(timeout, client.lease_grant(spec.ttl_secs, None)).await?;
             *lease = Some(granted.id());
             granted.id()
         }
     };
-    within(
+    bounded(
         timeout,
         client.put(
             spec.key(),
@@ -249,7 +253,7 @@ async fn hold(
         ),
     )
     .await?;
-    let (mut keeper, mut responses) = within(timeout, client.lease_keep_alive(id)).await?;
+    let (mut keeper, mut responses) = bounded(timeout, client.lease_keep_alive(id)).await?;
     state.send_replace(RegistrationState::Registered { lease: id });
     tracing::info!(key = %spec.key(), lease = id, ttl = spec.ttl_secs, "registered");
     backoff.reset();
@@ -280,19 +284,9 @@ async fn hold(
 
 async fn revoke(client: &mut Client, lease: Option<i64>) -> Result<(), RegisterError> {
     let Some(id) = lease else { return Ok(()) };
-    within(Duration::from_secs(2), client.lease_revoke(id)).await?;
+    bounded(Duration::from_secs(2), client.lease_revoke(id)).await?;
     tracing::info!(lease = id, "lease revoked; deregistered");
     Ok(())
-}
-
-async fn within<T>(
-    limit: Duration,
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, RegisterError> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| RegisterError::Timeout)?
-        .map_err(RegisterError::from)
 }
 
 #[cfg(test)]

@@ -16,13 +16,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::{Balancer, RoundRobin};
 use crate::config::{Config, RouteConfig};
-use crate::discovery::{self, EtcdConfig, LeasePollConfig, ServiceTable};
+use crate::discovery::{self, EtcdConfig, ServiceTable};
 use crate::metrics::{DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
 use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
-use crate::proxy::{Proxy, Shared};
-use crate::upstream::{health, Backends, PoolConfig};
+use crate::proxy::{Proxy, ProxyState, RetrySettings};
+use crate::upstream::{health, Backends, HealthCheckSettings, OutlierSettings, PoolConfig};
+
+mod settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -38,6 +40,9 @@ pub enum StartError {
     #[error("policies: {0}")]
     Policy(String),
 }
+
+/// How long a client may take to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long start-up waits for the first etcd listing before listening anyway.
 const STARTUP_WAIT: Duration = Duration::from_secs(10);
@@ -59,116 +64,50 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Starts discovery, the policies and the data path, binds both
+    /// listeners, waits (boundedly) for the first etcd listing, then serves.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let mut registry = Registry::default();
-        let discovery_metrics = DiscoveryMetrics::register(&mut registry);
-        let proxy_metrics = ProxyMetrics::register(&mut registry);
-        let policy_metrics = PolicyMetrics::register(&mut registry);
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
-
-        let mut etcd = EtcdConfig::new(config.etcd.endpoints.clone(), config.etcd.prefix.clone());
-        etcd.snapshot = config.etcd.snapshot.clone();
-        etcd.lease_poll = LeasePollConfig {
-            polls_per_second: config.etcd.lease_polls_per_second,
-            ..Default::default()
-        };
-        let table = discovery::start(&etcd, discovery_metrics, &tasks, background.clone()).await?;
-
-        let backends = Arc::new(Backends::new(PoolConfig {
-            connections: config.upstream.connections_per_backend,
-            connect_timeout: config.upstream.connect_timeout,
-            keepalive_interval: config.upstream.keepalive_interval,
-            keepalive_timeout: config.upstream.keepalive_timeout,
-        }));
-        let shared = Arc::new(Shared::new(
-            proxy_metrics.clone(),
-            backends.clone(),
-            config.outlier.clone(),
-            &config.retry,
-        ));
-        let services = Arc::new(ServiceRuntimes::new(table.clone(), proxy_metrics.clone()));
-        let policies = start_policies(&config, policy_metrics, &tasks, &background).await?;
-        let router = Router::new(&config.routes, &services, |route| {
-            route_policy(&policies, route)
-        });
-        let proxy = Arc::new(Proxy::new(shared, router, services));
-        tasks.spawn(keep_members_current(
-            proxy.clone(),
-            table.clone(),
-            background.clone(),
-        ));
-        if config.health_check.enabled {
-            tasks.spawn(health::spawn_health_checks(
-                backends,
-                config.health_check.clone(),
-                proxy_metrics,
-                background.clone(),
-            ));
-        }
-
+        let parts = start_data_path(&config, &mut registry, &tasks, &background).await?;
+        let grpc = bind(config.listen).await?;
+        let admin = bind(config.admin).await?;
         let tls = match &config.tls {
             Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key).map_err(StartError::Tls)?),
             None => None,
         };
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let admin = TcpListener::bind(config.admin)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.admin,
-                source,
-            })?;
-        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-            addr: config.admin,
-            source,
-        })?;
+        wait_until_ready(&parts.table).await;
 
-        // Listen once the first etcd listing (or the snapshot) is in, so early
-        // calls do not find every service empty; after the bound, listen anyway.
-        let mut changes = table.subscribe();
-        let ready = tokio::time::timeout(STARTUP_WAIT, async {
-            while !table.is_ready() {
-                if changes.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        if ready.await.is_err() {
-            tracing::warn!(wait = ?STARTUP_WAIT, "no etcd listing and no snapshot yet: serving anyway, calls get UNAVAILABLE until etcd answers");
-        }
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         tasks.spawn(accept(
-            grpc,
+            grpc.listener,
             tls,
-            proxy.clone(),
+            parts.proxy.clone(),
             connections.clone(),
             stop.clone(),
         ));
         let admin_state = crate::admin::AdminState {
             registry: Arc::new(registry),
-            table: table.clone(),
-            proxy: proxy.clone(),
-            policies: policies.clone(),
+            table: parts.table.clone(),
+            proxy: parts.proxy.clone(),
+            policies: parts.policies.clone(),
             config: Arc::new(config.clone()),
         };
-        tasks.spawn(crate::admin::serve(admin, admin_state, background.clone()));
-        tracing::info!(%grpc_addr, %admin_addr, tls = config.tls.is_some(), "weir serving");
+        tasks.spawn(crate::admin::serve(
+            admin.listener,
+            admin_state,
+            tasks.clone(),
+            background.clone(),
+        ));
+        tracing::info!(grpc_addr = %grpc.addr, admin_addr = %admin.addr, tls = config.tls.is_some(), "weir serving");
         Ok(Gateway {
-            grpc_addr,
-            admin_addr,
-            table,
-            proxy,
-            policies,
+            grpc_addr: grpc.addr,
+            admin_addr: admin.addr,
+            table: parts.table,
+            proxy: parts.proxy,
+            policies: parts.policies,
             stop,
             background,
             connections,
@@ -191,6 +130,88 @@ impl Gateway {
         self.background.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// What the data path is made of.
+struct DataPath {
+    table: Arc<ServiceTable>,
+    proxy: Arc<Proxy>,
+    policies: Arc<PolicySet>,
+}
+
+/// Discovery, backends, policies and the proxy, with their background
+/// tasks (member refresh, health checks) on `tasks`.
+async fn start_data_path(
+    config: &Config,
+    registry: &mut Registry,
+    tasks: &TaskTracker,
+    background: &CancellationToken,
+) -> Result<DataPath, StartError> {
+    let discovery_metrics = DiscoveryMetrics::register(registry);
+    let proxy_metrics = ProxyMetrics::register(registry);
+    let policy_metrics = PolicyMetrics::register(registry);
+    let etcd = EtcdConfig::from(config);
+    let table = discovery::start(&etcd, discovery_metrics, tasks, background.clone()).await?;
+    let backends = Arc::new(Backends::new(PoolConfig::from(&config.upstream)));
+    let state = Arc::new(ProxyState::new(
+        proxy_metrics.clone(),
+        backends.clone(),
+        OutlierSettings::from(&config.outlier),
+        &RetrySettings::from(&config.retry),
+    ));
+    let services = Arc::new(ServiceRuntimes::new(table.clone(), proxy_metrics.clone()));
+    let policies = start_policies(config, policy_metrics, tasks, background).await?;
+    let router = Router::new(&config.routes, &services, |route| {
+        route_policy(&policies, route)
+    });
+    let proxy = Arc::new(Proxy::new(state, router, services));
+    tasks.spawn(keep_members_current(
+        proxy.clone(),
+        table.clone(),
+        background.clone(),
+    ));
+    if config.health_check.enabled {
+        tasks.spawn(health::spawn_health_checks(
+            backends,
+            HealthCheckSettings::from(&config.health_check),
+            proxy_metrics,
+            background.clone(),
+        ));
+    }
+    Ok(DataPath {
+        table,
+        proxy,
+        policies,
+    })
+}
+
+/// A bound listener and the address it got.
+struct Bound {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+async fn bind(addr: SocketAddr) -> Result<Bound, StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    Ok(Bound { listener, addr })
+}
+
+/// Waits for the first etcd listing (or the snapshot), so early calls do
+/// not find every service empty; after [`STARTUP_WAIT`], serves anyway.
+async fn wait_until_ready(table: &ServiceTable) {
+    let mut changes = table.subscribe();
+    let ready = tokio::time::timeout(STARTUP_WAIT, async {
+        while !table.is_ready() {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    if ready.await.is_err() {
+        tracing::warn!(wait = ?STARTUP_WAIT, "no etcd listing and no snapshot yet: serving anyway, calls get UNAVAILABLE until etcd answers");
     }
 }
 
@@ -222,11 +243,7 @@ async fn start_policies(
     tasks: &TaskTracker,
     background: &CancellationToken,
 ) -> Result<Arc<PolicySet>, StartError> {
-    let limits = policy::Limits {
-        deadline: config.policy.deadline,
-        memory_bytes: config.policy.memory_mib << 20,
-        instances: config.policy.instances,
-    };
+    let limits = policy::Limits::from(&config.policy);
     let zone = config.zone.as_deref().map(Arc::from);
     let engine = PolicyEngine::new(limits, zone).map_err(|e| StartError::Policy(e.to_string()))?;
     let set = Arc::new(PolicySet::new(
@@ -245,21 +262,23 @@ async fn start_policies(
         let watch = policy::reload::spawn_dir_watch(set.clone(), dir.clone(), background.clone())
             .map_err(|e| StartError::Policy(format!("watching {}: {e}", dir.display())))?;
         tasks.spawn(async move {
-            watch.await.ok();
+            if let Err(err) = watch.await {
+                tracing::error!(cause = %err, "the policy directory watcher stopped; file changes are no longer picked up");
+            }
         });
     }
     if config.policy.from_etcd {
         let client = discovery::connect(&config.etcd.endpoints).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tasks.spawn(discovery::policies::spawn_policy_watch(
+        let (watch, published) = discovery::policies::spawn_policy_watch(
             client,
             &config.etcd.prefix,
-            tx,
+            discovery::FollowSettings::default(),
             background.clone(),
-        ));
+        );
+        tasks.spawn(watch);
         tasks.spawn(policy::reload::spawn_etcd_consumer(
             set.clone(),
-            rx,
+            published,
             background.clone(),
         ));
     }
@@ -296,32 +315,21 @@ async fn accept(
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(cause = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (proxy, stop) = (proxy.clone(), stop.clone());
-        match tls.clone() {
-            None => connections.spawn(serve_connection(stream, proxy, stop)),
-            Some(acceptor) => connections.spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, proxy, stop).await,
-                    Ok(Err(err)) => tracing::debug!(%peer, cause = %err, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            }),
-        };
-    }
+    let serving = stop.clone();
+    crate::listener::accept_loop("grpc", listener, connections, stop, move |stream, peer| {
+        let (proxy, stop, tls) = (proxy.clone(), serving.clone(), tls.clone());
+        async move {
+            let Some(acceptor) = tls else {
+                return serve_connection(stream, proxy, stop).await;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_connection(tls_stream, proxy, stop).await,
+                Ok(Err(err)) => tracing::debug!(%peer, cause = %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    })
+    .await;
 }
 
 async fn serve_connection<IO>(io: IO, proxy: Arc<Proxy>, stop: CancellationToken)

@@ -5,18 +5,21 @@
 //! holds them weakly, so a backend that leaves etcd is dropped (and its
 //! connections closed) once the last call on it ends.
 
-pub mod health;
-pub mod load;
-pub mod outlier;
-pub mod pool;
+pub(crate) mod health;
+mod load;
+mod outlier;
+mod pool;
+mod replay;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+pub use health::HealthCheckSettings;
 pub use load::Load;
-pub use outlier::Outlier;
+pub use outlier::{Outlier, OutlierSettings};
 pub use pool::{Pool, PoolConfig};
+pub use replay::{BoxError, ReplayBody};
 
 /// What active health checks last concluded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,7 +33,9 @@ pub async fn run(args: DiscoverArgs) -> anyhow::Result<()> {
     let mut changes = table.subscribe();
     tokio::time::timeout(args.wait, async {
         while !table.is_ready() {
-            changes.changed().await.ok();
+            if changes.changed().await.is_err() {
+                break;
+            }
         }
     })
     .await

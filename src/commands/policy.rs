@@ -2,13 +2,11 @@
 //! how it spreads synthetic picks, so authors can try one before deploying.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 
 use crate::policy::check::spread;
-use crate::policy::version::PolicyVersion;
 use crate::policy::{Limits, PolicyEngine};
 
 /// `meta`: extra metadata for synthetic endpoints, as (position, key, value).
@@ -27,28 +25,20 @@ pub fn check(
     }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let engine = PolicyEngine::new(Limits::default(), Some("zone-0".into()))?;
+    // The name only labels logs here; any file name will do.
     let name = file
         .file_stem()
         .and_then(|s| s.to_str())
-        .unwrap_or("policy");
-    let compiled = engine
-        .compile(&bytes)
+        .filter(|s| crate::config::valid_policy_name(s))
+        .unwrap_or("checked");
+    let version = crate::policy::validate(&engine, name, &bytes, file.display().to_string())
         .with_context(|| format!("{} is not a usable policy", file.display()))?;
-    let version = Arc::new(PolicyVersion::new(
-        &engine,
-        name,
-        file.display().to_string(),
-        &bytes,
-        compiled,
-    ));
-    crate::policy::check::trial(&engine, &version)
-        .map_err(|e| anyhow::anyhow!("{}: the trial pick failed: {e}", file.display()))?;
     println!(
         "{}: a valid weir:policy balancer (digest {}, reads call headers: {}, learns from outcomes: {})",
         file.display(),
         version.digest,
-        yes_no(version.uses_call),
-        yes_no(version.has_observe)
+        yes_no(version.reads_call),
+        yes_no(version.learns_from_outcomes)
     );
     let began = Instant::now();
     let counts = spread(&engine, &version, backends.max(1), picks.max(1), meta)

@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::discovery::etcd::EtcdError;
 use crate::register::{RegisterError, Registration, RegistrationSpec};
+
+/// How long a stopping agent waits for etcd to revoke its lease.
+const DEREGISTER_WAIT: Duration = Duration::from_secs(3);
 
 pub async fn run(endpoints: &[String], spec: RegistrationSpec) -> anyhow::Result<()> {
     // Handlers first: once the key can be in etcd, a SIGTERM must revoke it,
@@ -29,12 +33,12 @@ pub async fn run(endpoints: &[String], spec: RegistrationSpec) -> anyhow::Result
         }
     }
     // Revokes the lease if one was granted, even before the key was confirmed.
-    match tokio::time::timeout(Duration::from_secs(3), registration.deregister()).await {
+    match tokio::time::timeout(DEREGISTER_WAIT, registration.deregister()).await {
         Ok(Ok(())) => {
             println!("deregistered {key}");
             Ok(())
         }
         Ok(Err(err)) => Err(err.into()),
-        Err(_) => Err(RegisterError::Timeout.into()),
+        Err(_) => Err(RegisterError::Etcd(EtcdError::Timeout(DEREGISTER_WAIT)).into()),
     }
 }

@@ -176,17 +176,30 @@ fn checked(reg: Registration) -> Result<Registration, ValueError> {
     Ok(reg)
 }
 
-/// `host:port` or `[v6]:port`, with a non-empty host and a numeric port.
+/// `host:port` or `[v6]:port`: a host name (letters, digits, `-`, `.`,
+/// `_`) or an IP address, and a port from 1 to 65535 — nothing a URI
+/// authority would refuse, so every part of the gateway that dials or
+/// probes the address can use it.
 pub fn is_host_port(addr: &str) -> bool {
     let Some((host, port)) = addr.rsplit_once(':') else {
         return false;
     };
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
     let host_ok = if let Some(inner) = host.strip_prefix('[') {
-        inner.strip_suffix(']').is_some_and(|h| !h.is_empty())
+        inner
+            .strip_suffix(']')
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
     } else {
-        !host.is_empty() && !host.contains(':') && !host.contains('/')
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     };
-    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+    port_ok && host_ok && addr.parse::<http::uri::Authority>().is_ok()
 }
 
 #[cfg(test)]
@@ -195,6 +208,35 @@ mod tests {
 
     fn parse(v: &str) -> Result<Registration, ValueError> {
         parse_value("svc", "10.0.0.1:80", v.as_bytes())
+    }
+
+    #[test]
+    fn addresses_a_uri_would_refuse_are_not_host_port() {
+        for bad in [
+            "a b:80",
+            "a\tb:80",
+            "host:",
+            ":80",
+            "host:0",
+            "host:65536",
+            "host:+80",
+            "user@host:80",
+            "host/x:80",
+            "[::1:80",
+            "[zz]:80",
+            "host:80 ",
+            "ho%st:80",
+        ] {
+            assert!(!is_host_port(bad), "{bad:?} accepted");
+        }
+        for good in [
+            "127.0.0.1:80",
+            "[::1]:50051",
+            "echo-1.svc.cluster.local:443",
+            "my_host:1",
+        ] {
+            assert!(is_host_port(good), "{good:?} refused");
+        }
     }
 
     #[test]

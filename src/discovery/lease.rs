@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::etcd::bounded;
+
 const UNKNOWN: i64 = i64::MIN;
 
 /// Milliseconds on a process-wide monotonic clock (tokio's, so paused-time
@@ -170,20 +172,19 @@ async fn poll_leases(
                 };
                 rate.tick().await;
                 let handle = LeaseHandle(state);
-                let next = match tokio::time::timeout(
+                let next = match bounded(
                     Duration::from_secs(3),
                     client.lease_time_to_live(id, None),
                 ).await {
-                    Ok(Ok(resp)) => {
+                    Ok(resp) => {
                         handle.record_ttl(resp.ttl());
                         let half = Duration::from_millis((resp.ttl().max(0) as u64) * 500);
                         half.clamp(Duration::from_millis(500), config.max_interval)
                     }
-                    Ok(Err(err)) => {
+                    Err(err) => {
                         tracing::debug!(lease = id, cause = %err, "lease TTL poll failed");
                         Duration::from_secs(1)
                     }
-                    Err(_) => Duration::from_secs(1),
                 };
                 due.push(Reverse((Instant::now() + next, id)));
             }

@@ -1,15 +1,21 @@
 //! Policies published through etcd, under `<prefix>/_policies/<name>`: the
 //! key's value is the component's bytes. Every gateway of a fleet watching
-//! the same prefix swaps together. Listed, then watched from the next
-//! revision; resumed after errors, re-listed after a compaction.
+//! the same prefix swaps together.
+//!
+//! [`PublishedPolicies`] follows that prefix through the one etcd session
+//! loop (so it is listed again after a compaction, a wipe or a restore) and
+//! offers the latest bytes of every key as a `watch` value: a consumer that
+//! is busy compiling sees only the newest version of each key when it looks
+//! again, and nothing is ever queued without bound.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use tokio::sync::mpsc;
+use etcd_client::Client;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::watch::Backoff;
+use super::etcd::{self, FollowSettings, Follower, Kv, KvChange, Position, Relist};
 
 /// A policy version read from etcd.
 #[derive(Debug)]
@@ -19,111 +25,103 @@ pub struct PolicyUpdate {
     pub bytes: Vec<u8>,
 }
 
+/// The latest published bytes, by etcd key.
+pub type Published = Arc<BTreeMap<String, Arc<PolicyUpdate>>>;
+
 /// The key prefix policies are published under.
 pub fn policies_prefix(prefix: &str) -> String {
     format!("{}/_policies/", prefix.trim_end_matches('/'))
 }
 
+/// The follower of `<prefix>/_policies/`.
+struct PublishedPolicies {
+    prefix: String,
+    position: Mutex<Option<Position>>,
+    latest: watch::Sender<Published>,
+}
+
+/// Starts following the policies published under `prefix`; the receiver
+/// always holds the latest bytes of every policy key.
 pub fn spawn_policy_watch(
     client: Client,
     prefix: &str,
-    updates: mpsc::Sender<PolicyUpdate>,
+    settings: FollowSettings,
     cancel: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let prefix = policies_prefix(prefix);
-    tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut revision: Option<i64> = None;
-        loop {
-            let outcome = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = session(client.clone(), &prefix, &mut revision, &updates, &mut backoff) => r,
-            };
-            let delay = backoff.next_delay();
-            tracing::warn!(cause = %outcome, retry_in = ?delay, "etcd policy watch ended; resuming");
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    })
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Published>) {
+    let (latest, receiver) = watch::channel(Published::default());
+    let follower = PublishedPolicies {
+        prefix: policies_prefix(prefix),
+        position: Mutex::new(None),
+        latest,
+    };
+    let task = tokio::spawn(async move {
+        let prefix = follower.prefix.clone();
+        etcd::follow(client, &prefix, settings, &follower, &cancel).await;
+    });
+    (task, receiver)
 }
 
-/// Runs until an error; `revision` is the last one applied.
-async fn session(
-    mut client: Client,
-    prefix: &str,
-    revision: &mut Option<i64>,
-    updates: &mpsc::Sender<PolicyUpdate>,
-    backoff: &mut Backoff,
-) -> String {
-    if revision.is_none() {
-        let listed = match client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return format!("listing {prefix}: {e}"),
+impl PublishedPolicies {
+    fn update(&self, key: &[u8], value: &[u8]) -> Option<(String, Arc<PolicyUpdate>)> {
+        let key = String::from_utf8_lossy(key).into_owned();
+        let name = key.strip_prefix(&self.prefix)?.to_owned();
+        let update = PolicyUpdate {
+            name,
+            key: key.clone(),
+            bytes: value.to_vec(),
         };
-        for kv in listed.kvs() {
-            if !send(prefix, kv.key(), kv.value(), updates).await {
-                return "the policy consumer stopped".into();
-            }
-        }
-        *revision = Some(listed.header().map_or(0, |h| h.revision()));
+        Some((key, Arc::new(update)))
     }
-    let start = revision.unwrap_or(0) + 1;
-    let options = WatchOptions::new().with_prefix().with_start_revision(start);
-    let mut stream = match client.watch(prefix, Some(options)).await {
-        Ok(s) => s,
-        Err(e) => return format!("watching {prefix}: {e}"),
-    };
-    backoff.reset();
-    loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return "the watch stream closed".into(),
-            Err(e) => return format!("watch: {e}"),
-        };
-        if resp.canceled() {
-            if resp.compact_revision() > 0 {
-                *revision = None; // history gone: list again
-            }
-            return format!("watch cancelled: {}", resp.cancel_reason());
-        }
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            *revision = Some(kv.mod_revision());
-            match ev.event_type() {
-                EventType::Put => {
-                    if !send(prefix, kv.key(), kv.value(), updates).await {
-                        return "the policy consumer stopped".into();
+
+    fn set_position(&self, at: Position) {
+        *self.position.lock().expect("policy position poisoned") = Some(at);
+    }
+}
+
+impl Follower for PublishedPolicies {
+    fn position(&self) -> Option<Position> {
+        *self.position.lock().expect("policy position poisoned")
+    }
+
+    fn reset(&self, kvs: &[Kv<'_>], at: Position, reason: Relist) {
+        let listed: BTreeMap<_, _> = kvs
+            .iter()
+            .filter_map(|kv| self.update(kv.key, kv.value))
+            .collect();
+        tracing::info!(
+            reason = reason.as_str(),
+            policies = listed.len(),
+            "policies listed from etcd"
+        );
+        self.latest.send_replace(Arc::new(listed));
+        self.set_position(at);
+    }
+
+    fn apply(&self, changes: &[KvChange<'_>], at: Position) {
+        let mut latest = BTreeMap::clone(&self.latest.borrow());
+        for change in changes {
+            match *change {
+                KvChange::Put { key, value, .. } => {
+                    if let Some((key, update)) = self.update(key, value) {
+                        latest.insert(key, update);
                     }
                 }
-                EventType::Delete => {
-                    tracing::info!(key = %String::from_utf8_lossy(kv.key()), "policy key deleted in etcd; the loaded version keeps serving");
+                KvChange::Delete { key } => {
+                    let key = String::from_utf8_lossy(key);
+                    latest.remove(&*key);
+                    tracing::info!(key = %key, "policy key deleted in etcd; the loaded version keeps serving");
                 }
             }
         }
+        self.latest.send_replace(Arc::new(latest));
+        self.set_position(at);
     }
-}
 
-async fn send(
-    prefix: &str,
-    key: &[u8],
-    value: &[u8],
-    updates: &mpsc::Sender<PolicyUpdate>,
-) -> bool {
-    let key = String::from_utf8_lossy(key).into_owned();
-    let Some(name) = key.strip_prefix(prefix).map(str::to_owned) else {
-        return true;
-    };
-    updates
-        .send(PolicyUpdate {
-            name,
-            key,
-            bytes: value.to_vec(),
-        })
-        .await
-        .is_ok()
+    fn advance_to(&self, at: Position) {
+        self.set_position(at);
+    }
+
+    fn forget_position(&self) {
+        *self.position.lock().expect("policy position poisoned") = None;
+    }
 }

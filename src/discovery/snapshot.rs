@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::endpoint::DeclaredHealth;
+use super::etcd::Position;
 use super::key_format::Registration;
-use super::table::{Position, RestoredEndpoint, ServiceTable};
+use super::table::{RestoredEndpoint, ServiceTable};
 
 const FORMAT: u32 = 1;
 
@@ -190,7 +191,7 @@ pub fn spawn_snapshot_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::table::KvChange;
+    use crate::discovery::etcd::KvChange;
     use crate::metrics::DiscoveryMetrics;
 
     #[test]

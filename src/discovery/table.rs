@@ -14,37 +14,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use super::endpoint::{Endpoint, EndpointSet};
+use super::etcd::{Kv, KvChange, Position};
 use super::key_format::{classify_key, parse_value, KeyKind, Registration, ValueError};
 use super::lease::LeaseTable;
 use crate::metrics::{DiscoveryMetrics, KindLabel, ReasonLabel};
-
-/// Where in an etcd cluster's history the table stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Position {
-    pub cluster_id: u64,
-    pub revision: i64,
-}
-
-/// One key-value change, independent of the etcd client's types.
-#[derive(Clone, Copy, Debug)]
-pub enum KvChange<'a> {
-    Put {
-        key: &'a [u8],
-        value: &'a [u8],
-        lease: i64,
-    },
-    Delete {
-        key: &'a [u8],
-    },
-}
-
-/// A key-value as listed.
-#[derive(Clone, Copy, Debug)]
-pub struct Kv<'a> {
-    pub key: &'a [u8],
-    pub value: &'a [u8],
-    pub lease: i64,
-}
 
 /// The slot of one service. Routes keep the `Arc` and load from it per call;
 /// a slot is never removed, so a service that comes back is seen by them.

@@ -8,7 +8,7 @@ use super::engine::PolicyEngine;
 use super::version::PolicyVersion;
 use crate::balance::PickContext;
 use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet};
-use crate::proxy::services::Members;
+use crate::members::Members;
 use crate::upstream::{Backends, PoolConfig};
 
 /// Synthetic sets' generations are at and above this: a policy keeps state
@@ -47,12 +47,7 @@ pub fn synthetic_members_with(n: usize, meta: &[(usize, String, String)]) -> Arc
         endpoints,
         generation: SYNTHETIC_GENERATIONS | n as u64,
     });
-    let backends = Backends::new(PoolConfig {
-        connections: 1,
-        connect_timeout: std::time::Duration::from_secs(1),
-        keepalive_interval: std::time::Duration::from_secs(10),
-        keepalive_timeout: std::time::Duration::from_secs(5),
-    });
+    let backends = Backends::new(PoolConfig::default());
     Arc::new(Members::unconnected(set, &backends))
 }
 
@@ -70,7 +65,7 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
         options: None,
     };
     let picked = pick_despite_preemption(engine, version, &ctx, 2).map_err(|f| f.to_string())?;
-    if version.has_observe {
+    if version.learns_from_outcomes {
         // A learning policy is also told how its trial call went.
         let told = crate::balance::Outcome {
             generation: members.generation(),
@@ -95,12 +90,10 @@ fn pick_despite_preemption(
     ctx: &PickContext<'_>,
     retries: usize,
 ) -> Result<usize, super::version::Fault> {
-    let mut outcome = version.pick(engine, ctx, ctx.members);
+    let mut outcome = version.pick(engine, ctx);
     for _ in 0..retries {
         match outcome {
-            Err(super::version::Fault::Deadline) => {
-                outcome = version.pick(engine, ctx, ctx.members)
-            }
+            Err(super::version::Fault::Deadline) => outcome = version.pick(engine, ctx),
             _ => break,
         }
     }

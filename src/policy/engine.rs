@@ -44,8 +44,8 @@ const TICK: Duration = Duration::from_micros(250);
 pub struct Compiled {
     pub pre: BalancerPre<HostState>,
     pub component: Component,
-    pub uses_call: bool,
-    pub has_observe: bool,
+    pub reads_call: bool,
+    pub learns_from_outcomes: bool,
 }
 
 pub struct PolicyEngine {
@@ -77,7 +77,8 @@ impl PolicyEngine {
         let mut linker = Linker::new(&engine);
         Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
-        let ticker = Ticker::start(engine.clone());
+        let ticker = Ticker::start(engine.clone())
+            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(PolicyEngine {
             engine,
             compiled: Default::default(),
@@ -152,15 +153,15 @@ impl PolicyEngine {
             .map_err(|e| PolicyError::World(format!("{e:#}")))?;
         let pre =
             BalancerPre::new(instance_pre).map_err(|e| PolicyError::World(format!("{e:#}")))?;
-        let uses_call = ty
+        let reads_call = ty
             .imports(&self.engine)
             .any(|(name, _)| name.starts_with("weir:policy/call"));
-        let has_observe = component.get_export_index(None, "observe").is_some();
+        let learns_from_outcomes = component.get_export_index(None, "observe").is_some();
         Ok(Compiled {
             pre,
             component,
-            uses_call,
-            has_observe,
+            reads_call,
+            learns_from_outcomes,
         })
     }
 
@@ -177,7 +178,7 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn start(engine: Engine) -> Ticker {
+    fn start(engine: Engine) -> std::io::Result<Ticker> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -187,18 +188,20 @@ impl Ticker {
                     std::thread::sleep(TICK);
                     engine.increment_epoch();
                 }
-            })
-            .expect("spawn the epoch ticker");
-        Ticker {
+            })?;
+        Ok(Ticker {
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                // It only sleeps and increments: a panic there is a bug to hear of.
+                tracing::error!("the policy epoch ticker thread panicked");
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use http::HeaderMap;
 use wasmtime::StoreLimits;
 
 use crate::balance::RouteOptions;
-use crate::proxy::services::Members;
+use crate::members::{Member, Members};
 use crate::upstream::CheckedHealth;
 
 wasmtime::component::bindgen!({
@@ -44,7 +44,7 @@ pub struct HostState {
 }
 
 impl HostState {
-    fn member(&self, index: u32) -> Option<&crate::proxy::services::Member> {
+    fn member(&self, index: u32) -> Option<&Member> {
         let members = self.call.members.as_ref()?;
         members.list.get(self.call.position(index)?).map(|m| &**m)
     }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::set::{policy_name, PolicySet};
+use crate::discovery::policies::Published;
 
 /// Writes are often several events (create, write, close): wait this long
 /// after the last one before reading the file.
@@ -79,28 +80,36 @@ pub fn spawn_dir_watch(
     }))
 }
 
-/// Installs the policies discovery reads from etcd.
+/// Installs the policies discovery reads from etcd: whenever the published
+/// set changes, each key whose latest bytes are not settled yet.
 pub fn spawn_etcd_consumer(
     set: Arc<PolicySet>,
-    mut updates: mpsc::Receiver<crate::discovery::policies::PolicyUpdate>,
+    mut published: watch::Receiver<Published>,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // A re-list after a reconnect delivers every key again: skip what
-        // this key already installed, so it cannot undo a newer file version.
+        // A re-list after a reconnect shows every key again: skip what this
+        // key already installed, so it cannot undo a newer file version.
         let mut settled: HashMap<String, String> = HashMap::new();
         loop {
-            let update = tokio::select! {
-                _ = cancel.cancelled() => return,
-                u = updates.recv() => match u { Some(u) => u, None => return },
-            };
-            let digest = super::version::digest(&update.bytes);
-            if settled.get(&update.key) == Some(&digest) {
-                continue;
+            let latest = published.borrow_and_update().clone();
+            for update in latest.values() {
+                let digest = super::version::digest(&update.bytes);
+                if settled.get(&update.key) == Some(&digest) {
+                    continue;
+                }
+                let (name, bytes, key) = (
+                    update.name.clone(),
+                    update.bytes.clone(),
+                    update.key.clone(),
+                );
+                if install_settles(&set, name, bytes, key.clone()).await {
+                    settled.insert(key, digest);
+                }
             }
-            let key = update.key.clone();
-            if install_settles(&set, update.name, update.bytes, update.key).await {
-                settled.insert(key, digest);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = published.changed() => if changed.is_err() { return },
             }
         }
     })

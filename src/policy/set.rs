@@ -1,4 +1,4 @@
-//! Named policies, each a slot whose current version is swapped atomically.
+//! Named policies, each one whose current version is swapped atomically.
 //! Calls in flight keep the version they loaded; a new one is compiled and
 //! checked off the hot path before it is swapped in.
 
@@ -13,6 +13,7 @@ use super::engine::PolicyEngine;
 use super::version::PolicyVersion;
 use super::PolicyError;
 use crate::balance::{Balancer, Outcome, PickContext, PickError};
+use crate::config::valid_policy_name as valid_name;
 use crate::metrics::PolicyMetrics;
 
 /// One pick in this many is timed for `weir_policy_pick_duration_seconds`.
@@ -21,14 +22,14 @@ const TIMED_EVERY: u64 = 32;
 /// Faults in a row after which a version is reverted to the last good one.
 pub const REVERT_AFTER: u32 = 10;
 
-pub struct PolicySlot {
+pub struct NamedPolicy {
     pub name: Arc<str>,
     current: ArcSwapOption<PolicyVersion>,
     last_good: ArcSwapOption<PolicyVersion>,
     last_error: Mutex<Option<String>>,
 }
 
-impl PolicySlot {
+impl NamedPolicy {
     pub fn current(&self) -> Option<Arc<PolicyVersion>> {
         self.current.load_full()
     }
@@ -40,25 +41,16 @@ impl PolicySlot {
 
 pub struct PolicySet {
     engine: Arc<PolicyEngine>,
-    slots: RwLock<HashMap<Arc<str>, Arc<PolicySlot>>>,
+    policies: RwLock<HashMap<Arc<str>, Arc<NamedPolicy>>>,
     metrics: PolicyMetrics,
     dir: Option<PathBuf>,
-}
-
-/// Policy names become file names and etcd keys: keep them plain.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl PolicySet {
     pub fn new(engine: Arc<PolicyEngine>, dir: Option<PathBuf>, metrics: PolicyMetrics) -> Self {
         PolicySet {
             engine,
-            slots: RwLock::new(HashMap::new()),
+            policies: RwLock::new(HashMap::new()),
             metrics,
             dir,
         }
@@ -122,20 +114,20 @@ impl PolicySet {
         bytes: &[u8],
         source: String,
     ) -> Result<Arc<PolicyVersion>, PolicyError> {
-        if let Some(current) = self.slot(name).and_then(|s| s.current()) {
+        if let Some(current) = self.policy(name).and_then(|s| s.current()) {
             if current.digest == super::version::digest(bytes) {
                 return Ok(current); // the same bytes again (a touch, a re-list)
             }
         }
-        let outcome = self.prepare(name, bytes, source);
+        let outcome = super::validate(&self.engine, name, bytes, source);
         match outcome {
             Ok(version) => {
-                let slot = self.slot_or_create(name);
-                let old = slot.current.swap(Some(version.clone()));
+                let policy = self.policy_or_create(name);
+                let old = policy.current.swap(Some(version.clone()));
                 if old.is_some() {
-                    slot.last_good.store(old);
+                    policy.last_good.store(old);
                 }
-                *slot.last_error.lock().expect("last error") = None;
+                *policy.last_error.lock().expect("last error") = None;
                 self.metrics.reload(name, "ok");
                 tracing::info!(policy = name, digest = %version.digest, source = %version.source, "policy version installed");
                 Ok(version)
@@ -144,35 +136,14 @@ impl PolicySet {
         }
     }
 
-    fn prepare(
-        &self,
-        name: &str,
-        bytes: &[u8],
-        source: String,
-    ) -> Result<Arc<PolicyVersion>, PolicyError> {
-        if !valid_name(name) {
-            return Err(PolicyError::Name(name.to_owned()));
-        }
-        let compiled = self.engine.compile(bytes)?;
-        let version = Arc::new(PolicyVersion::new(
-            &self.engine,
-            name,
-            source,
-            bytes,
-            compiled,
-        ));
-        super::check::trial(&self.engine, &version).map_err(PolicyError::Trial)?;
-        Ok(version)
-    }
-
     fn failed(&self, name: &str, err: PolicyError) -> PolicyError {
         self.metrics.reload(name, "failed");
         tracing::warn!(policy = name, cause = %err, "policy not installed; the previous version keeps serving");
-        if let Some(slot) = self.slot(name) {
-            *slot.last_error.lock().expect("last error") = Some(err.to_string());
+        if let Some(policy) = self.policy(name) {
+            *policy.last_error.lock().expect("last error") = Some(err.to_string());
         } else if valid_name(name) {
             *self
-                .slot_or_create(name)
+                .policy_or_create(name)
                 .last_error
                 .lock()
                 .expect("last error") = Some(err.to_string());
@@ -180,19 +151,23 @@ impl PolicySet {
         err
     }
 
-    pub fn slot(&self, name: &str) -> Option<Arc<PolicySlot>> {
-        self.slots.read().expect("policy slots").get(name).cloned()
+    pub fn policy(&self, name: &str) -> Option<Arc<NamedPolicy>> {
+        self.policies
+            .read()
+            .expect("policy set poisoned")
+            .get(name)
+            .cloned()
     }
 
-    fn slot_or_create(&self, name: &str) -> Arc<PolicySlot> {
-        if let Some(slot) = self.slot(name) {
-            return slot;
+    fn policy_or_create(&self, name: &str) -> Arc<NamedPolicy> {
+        if let Some(policy) = self.policy(name) {
+            return policy;
         }
-        let mut slots = self.slots.write().expect("policy slots");
-        slots
+        let mut policies = self.policies.write().expect("policy set poisoned");
+        policies
             .entry(name.into())
             .or_insert_with(|| {
-                Arc::new(PolicySlot {
+                Arc::new(NamedPolicy {
                     name: name.into(),
                     current: ArcSwapOption::empty(),
                     last_good: ArcSwapOption::empty(),
@@ -205,9 +180,9 @@ impl PolicySet {
     /// Names with a version serving, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
-            .slots
+            .policies
             .read()
-            .expect("policy slots")
+            .expect("policy set poisoned")
             .values()
             .filter(|s| s.current().is_some())
             .map(|s| s.name.to_string())
@@ -218,17 +193,17 @@ impl PolicySet {
 
     /// True when `name` has a version serving.
     pub fn has(&self, name: &str) -> bool {
-        self.slot(name).is_some_and(|s| s.current().is_some())
+        self.policy(name).is_some_and(|s| s.current().is_some())
     }
 
-    /// The balancer for routes naming `name` (its slot is created empty if
+    /// The balancer for routes naming `name` (its policy is created empty if
     /// needed, and filled when a version arrives).
     pub fn balancer(&self, name: &str) -> Arc<dyn Balancer> {
         let label = crate::metrics::PolicyLabel {
             policy: name.to_owned(),
         };
         Arc::new(WasmBalancer {
-            slot: self.slot_or_create(name),
+            policy: self.policy_or_create(name),
             engine: self.engine.clone(),
             picks: self.metrics.picks.get_or_create(&label).clone(),
             pick_duration: self.metrics.pick_duration.get_or_create(&label).clone(),
@@ -238,17 +213,17 @@ impl PolicySet {
 
     /// Every policy, for the admin view.
     pub fn describe(&self) -> serde_json::Value {
-        let slots: BTreeMap<Arc<str>, Arc<PolicySlot>> = self
-            .slots
+        let policies: BTreeMap<Arc<str>, Arc<NamedPolicy>> = self
+            .policies
             .read()
-            .expect("policy slots")
+            .expect("policy set poisoned")
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let policies: serde_json::Map<String, serde_json::Value> = slots
+        let policies: serde_json::Map<String, serde_json::Value> = policies
             .iter()
-            .map(|(name, slot)| {
-                let v = slot.current();
+            .map(|(name, policy)| {
+                let v = policy.current();
                 let version = v.as_ref().map(|v| {
                     serde_json::json!({
                         "digest": v.digest,
@@ -256,11 +231,11 @@ impl PolicySet {
                         "loaded_at_unix": v.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                         "picks": v.picks.load(std::sync::atomic::Ordering::Relaxed),
                         "faults": v.faults.load(std::sync::atomic::Ordering::Relaxed),
-                        "reads_headers": v.uses_call,
-                        "learns_from_outcomes": v.has_observe,
+                        "reads_call": v.reads_call,
+                        "learns_from_outcomes": v.learns_from_outcomes,
                     })
                 });
-                (name.to_string(), serde_json::json!({ "current": version, "last_error": slot.last_error() }))
+                (name.to_string(), serde_json::json!({ "current": version, "last_error": policy.last_error() }))
             })
             .collect();
         serde_json::json!({
@@ -282,7 +257,7 @@ pub fn policy_name(path: &Path) -> Option<String> {
 
 /// A policy behind the `Balancer` seam. Its metric handles are made once.
 pub struct WasmBalancer {
-    slot: Arc<PolicySlot>,
+    policy: Arc<NamedPolicy>,
     engine: Arc<PolicyEngine>,
     picks: prometheus_client::metrics::counter::Counter,
     pick_duration: prometheus_client::metrics::histogram::Histogram,
@@ -291,74 +266,74 @@ pub struct WasmBalancer {
 
 impl Balancer for WasmBalancer {
     fn name(&self) -> &str {
-        &self.slot.name
+        &self.policy.name
     }
 
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
-        let guard = self.slot.current.load();
+        let guard = self.policy.current.load();
         let Some(version) = guard.as_ref() else {
             return Err(PickError(format!(
                 "policy {:?} has no version loaded",
-                &*self.slot.name
+                &*self.policy.name
             )));
         };
         // Time one pick in TIMED_EVERY: reading the clock twice and filling
         // the histogram would cost more than a simple policy's pick.
         let timed = self.picks.inc() % TIMED_EVERY == 0;
         let started = timed.then(Instant::now);
-        let outcome = version.pick(&self.engine, ctx, ctx.members);
+        let outcome = version.pick(&self.engine, ctx);
         if let Some(started) = started {
             self.pick_duration.observe(started.elapsed().as_secs_f64());
         }
         outcome.map_err(|fault| {
-            self.metrics.fault(&self.slot.name, fault.kind());
+            self.metrics.fault(&self.policy.name, fault.kind());
             if version.consecutive_faults() >= REVERT_AFTER {
                 self.revert(version, &fault);
             }
-            PickError(format!("policy {:?} {fault}", &*self.slot.name))
+            PickError(format!("policy {:?} {fault}", &*self.policy.name))
         })
     }
 
     fn learns(&self) -> bool {
-        self.slot
+        self.policy
             .current
             .load()
             .as_ref()
-            .is_some_and(|v| v.has_observe)
+            .is_some_and(|v| v.learns_from_outcomes)
     }
 
     fn observe(&self, outcome: &Outcome) {
-        let guard = self.slot.current.load();
+        let guard = self.policy.current.load();
         let Some(version) = guard.as_ref() else {
             return;
         };
         if let Err(fault) = version.observe(&self.engine, outcome) {
             // Only this observation is lost; picks are not affected.
-            self.metrics.fault(&self.slot.name, fault.kind());
-            tracing::debug!(policy = %self.slot.name, %fault, "observe failed");
+            self.metrics.fault(&self.policy.name, fault.kind());
+            tracing::debug!(policy = %self.policy.name, %fault, "observe failed");
         }
     }
 }
 
 impl WasmBalancer {
     fn revert(&self, failing: &Arc<PolicyVersion>, fault: &super::version::Fault) {
-        let Some(good) = self.slot.last_good.load_full() else {
+        let Some(good) = self.policy.last_good.load_full() else {
             return;
         };
         let swapped = self
-            .slot
+            .policy
             .current
             .compare_and_swap(&Some(failing.clone()), Some(good.clone()));
         if swapped
             .as_ref()
             .is_some_and(|cur| Arc::ptr_eq(cur, failing))
         {
-            self.metrics.reverted(&self.slot.name);
-            *self.slot.last_error.lock().expect("last error") = Some(format!(
+            self.metrics.reverted(&self.policy.name);
+            *self.policy.last_error.lock().expect("last error") = Some(format!(
                 "version {} reverted after {REVERT_AFTER} faults in a row (last: {fault})",
                 failing.digest
             ));
-            tracing::warn!(policy = %self.slot.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");
+            tracing::warn!(policy = %self.policy.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");
         }
     }
 }

@@ -71,10 +71,10 @@ pub struct PolicyVersion {
     /// Where it came from: a file path or an etcd key.
     pub source: String,
     pub loaded_at: SystemTime,
-    pub uses_call: bool,
-    pub has_observe: bool,
+    pub reads_call: bool,
+    pub learns_from_outcomes: bool,
     pre: BalancerPre<HostState>,
-    slots: Box<[Mutex<Option<Live>>]>,
+    instances: Box<[Mutex<Option<Live>>]>,
     next: AtomicUsize,
     pub picks: AtomicU64,
     pub faults: AtomicU64,
@@ -94,10 +94,10 @@ impl PolicyVersion {
             digest: digest(bytes),
             source,
             loaded_at: SystemTime::now(),
-            uses_call: compiled.uses_call,
-            has_observe: compiled.has_observe,
+            reads_call: compiled.reads_call,
+            learns_from_outcomes: compiled.learns_from_outcomes,
             pre: compiled.pre,
-            slots: (0..engine.limits.instances.max(1))
+            instances: (0..engine.limits.instances.max(1))
                 .map(|_| Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
@@ -112,14 +112,9 @@ impl PolicyVersion {
     }
 
     /// Asks the policy for a position in `ctx.candidates`.
-    pub fn pick(
-        &self,
-        engine: &PolicyEngine,
-        ctx: &PickContext<'_>,
-        members: &Arc<crate::proxy::services::Members>,
-    ) -> Result<usize, Fault> {
+    pub fn pick(&self, engine: &PolicyEngine, ctx: &PickContext<'_>) -> Result<usize, Fault> {
         self.picks.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.pick_inner(engine, ctx, members);
+        let outcome = self.pick_inner(engine, ctx);
         match &outcome {
             Ok(_) => self.consecutive_faults.store(0, Ordering::Relaxed),
             Err(_) => {
@@ -130,14 +125,10 @@ impl PolicyVersion {
         outcome
     }
 
-    fn pick_inner(
-        &self,
-        engine: &PolicyEngine,
-        ctx: &PickContext<'_>,
-        members: &Arc<crate::proxy::services::Members>,
-    ) -> Result<usize, Fault> {
-        let mut slot = self.acquire_live(engine)?;
-        let live = slot.as_mut().expect("instantiated above");
+    fn pick_inner(&self, engine: &PolicyEngine, ctx: &PickContext<'_>) -> Result<usize, Fault> {
+        let members = ctx.members;
+        let mut instance = self.acquire_live(engine)?;
+        let live = instance.as_mut().expect("instantiated above");
         let view = &mut live.store.data_mut().call;
         view.members = Some(members.clone());
         view.candidates.clear();
@@ -150,7 +141,7 @@ impl PolicyVersion {
         }
         let count = ctx.candidates.len() as u32;
         let generation = members.generation();
-        if self.uses_call {
+        if self.reads_call {
             view.service = ctx.service.into();
             view.method.clear();
             view.method.push_str(ctx.method);
@@ -171,7 +162,7 @@ impl PolicyVersion {
             Ok(Err(msg)) => Err(Fault::Error(msg.chars().take(256).collect())),
             Err(err) => {
                 // The instance cannot be entered again after a trap.
-                *slot = None;
+                *instance = None;
                 Err(classify(&err))
             }
         }
@@ -181,11 +172,11 @@ impl PolicyVersion {
     /// `observe`). A fault loses this observation only: it is counted, the
     /// instance re-made if it trapped, and no call is affected.
     pub fn observe(&self, engine: &PolicyEngine, outcome: &Outcome) -> Result<(), Fault> {
-        if !self.has_observe {
+        if !self.learns_from_outcomes {
             return Ok(());
         }
-        let mut slot = self.acquire_live(engine)?;
-        let live = slot.as_mut().expect("instantiated above");
+        let mut instance = self.acquire_live(engine)?;
+        let live = instance.as_mut().expect("instantiated above");
         let Some(observe) = live.observe else {
             return Ok(());
         };
@@ -197,36 +188,36 @@ impl PolicyVersion {
             outcome.latency_us,
         );
         observe.call(&mut live.store, args).map_err(|err| {
-            *slot = None;
+            *instance = None;
             classify(&err)
         })
     }
 
-    /// A free instance, made first if its slot is empty (never yet used,
+    /// A free instance, made first if its place is empty (never yet used,
     /// or dropped after a trap).
     fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
-        let mut slot = self.acquire();
-        if slot.is_none() {
-            *slot = Some(
+        let mut instance = self.acquire();
+        if instance.is_none() {
+            *instance = Some(
                 self.instantiate(engine)
                     .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
             );
         }
-        Ok(slot)
+        Ok(instance)
     }
 
     /// The first free instance, in order: picks one after another always use
     /// the first, so a stateful policy (round-robin's counter) stays exact;
     /// more are used only while picks really run at the same time.
     fn acquire(&self) -> MutexGuard<'_, Option<Live>> {
-        for slot in self.slots.iter() {
-            if let Ok(guard) = slot.try_lock() {
+        for instance in self.instances.iter() {
+            if let Ok(guard) = instance.try_lock() {
                 return guard;
             }
         }
         // Every instance is picking: a pick takes microseconds, so wait for one.
-        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        self.slots[k]
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.instances.len();
+        self.instances[k]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -248,7 +239,7 @@ impl PolicyVersion {
         store.set_epoch_deadline(engine.instantiate_ticks());
         let instance = self.pre.instance_pre().instantiate(&mut store)?;
         let bindings = Balancer::new(&mut store, &instance)?;
-        let observe = if self.has_observe {
+        let observe = if self.learns_from_outcomes {
             Some(instance.get_typed_func(&mut store, "observe")?)
         } else {
             None

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::services::{Member, ServiceRuntime};
+use super::services::ServiceRuntime;
 use super::status;
-use super::Shared;
+use super::ProxyState;
 use crate::balance::{Balancer, Outcome};
+use crate::members::Member;
 
 pub struct CallRecord {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     service: Arc<ServiceRuntime>,
     member: Arc<Member>,
     learner: Option<Learner>,
@@ -30,7 +31,7 @@ pub struct Learner {
 
 impl CallRecord {
     pub fn start(
-        shared: Arc<Shared>,
+        shared: Arc<ProxyState>,
         service: Arc<ServiceRuntime>,
         member: Arc<Member>,
         learner: Option<Learner>,
@@ -56,9 +57,8 @@ impl CallRecord {
         &self.service.name
     }
 
-    /// The call's gRPC status. `_from_backend` tells whether the backend said
-    /// it or the gateway decided it (deadline, reset).
-    pub fn set_status(&mut self, code: u32, _from_backend: bool) {
+    /// The call's gRPC status (the first one set wins).
+    pub fn set_status(&mut self, code: u32) {
         self.status.get_or_insert(code);
     }
 

@@ -9,68 +9,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::balance::RoundRobin;
-use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet, ServiceSlot, ServiceTable};
+use crate::discovery::{EndpointSet, ServiceSlot, ServiceTable};
+use crate::members::{Member, Members};
 use crate::metrics::{CallLabels, ProxyMetrics, ServiceLabel};
-use crate::upstream::{Backend, Backends};
+use crate::upstream::Backends;
 
 use super::status::NAMES;
-
-/// One endpoint of a service, with its backend and its call counters.
-pub struct Member {
-    pub endpoint: Arc<Endpoint>,
-    pub backend: Arc<Backend>,
-    calls: Vec<Counter>,
-}
-
-impl Member {
-    /// May a call be routed here (declared healthy, passing checks, not ejected)?
-    pub fn is_usable(&self) -> bool {
-        self.endpoint.health == DeclaredHealth::Healthy && self.backend.is_usable()
-    }
-
-    pub fn count_call(&self, code: u32) {
-        if let Some(c) = self.calls.get(code as usize) {
-            c.inc();
-        }
-    }
-}
-
-/// A service's members at one generation of its endpoint set.
-pub struct Members {
-    set: Arc<EndpointSet>,
-    pub list: Vec<Arc<Member>>,
-}
-
-impl Members {
-    /// Members for a set outside any service: no metrics, no connections made
-    /// (synthetic sets for policy checks and benchmarks).
-    pub fn unconnected(set: Arc<EndpointSet>, backends: &Backends) -> Members {
-        let list = set
-            .endpoints
-            .iter()
-            .map(|e| {
-                Arc::new(Member {
-                    endpoint: e.clone(),
-                    backend: backends.get(&e.addr),
-                    calls: Vec::new(),
-                })
-            })
-            .collect();
-        Members { set, list }
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.set.generation
-    }
-
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-}
 
 /// Everything the data path keeps per service.
 pub struct ServiceRuntime {
@@ -90,7 +34,7 @@ impl ServiceRuntime {
     pub fn members(&self, backends: &Backends, metrics: &ProxyMetrics) -> Arc<Members> {
         let set = self.slot.load();
         let current = self.members.load_full();
-        if Arc::ptr_eq(&current.set, &set) {
+        if Arc::ptr_eq(current.set(), &set) {
             return current;
         }
         let old: HashMap<&str, &Arc<Member>> =
@@ -115,15 +59,11 @@ impl ServiceRuntime {
                                 .clone()
                         })
                         .collect();
-                    Arc::new(Member {
-                        endpoint: e.clone(),
-                        backend,
-                        calls,
-                    })
+                    Arc::new(Member::new(e.clone(), backend, calls))
                 }
             })
             .collect();
-        let fresh = Arc::new(Members { set, list });
+        let fresh = Arc::new(Members::new(set, list));
         self.members.store(fresh.clone());
         fresh
     }
@@ -181,10 +121,10 @@ impl ServiceRuntimes {
         };
         let rt = Arc::new(ServiceRuntime {
             name: name.into(),
-            members: ArcSwap::from_pointee(Members {
-                set: Arc::new(EndpointSet::empty(set.service.clone())),
-                list: Vec::new(),
-            }),
+            members: ArcSwap::from_pointee(Members::new(
+                Arc::new(EndpointSet::empty(set.service.clone())),
+                Vec::new(),
+            )),
             slot,
             fallback: RoundRobin::default(),
             latency: self.metrics.call_duration.get_or_create(&label).clone(),

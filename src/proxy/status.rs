@@ -114,8 +114,6 @@ pub enum ProxyError {
     },
     #[error("deadline exceeded at the gateway before {service:?} answered")]
     DeadlineExceeded { service: String },
-    #[error("service {service:?}: the policy picked no endpoint: {reason}")]
-    Policy { service: String, reason: String },
 }
 
 impl ProxyError {
@@ -126,8 +124,7 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. }
             | ProxyError::NotReady { .. }
             | ProxyError::Unreachable { .. }
-            | ProxyError::Upstream { .. }
-            | ProxyError::Policy { .. } => UNAVAILABLE,
+            | ProxyError::Upstream { .. } => UNAVAILABLE,
             ProxyError::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -14,12 +15,36 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::{Backend, Backends, CheckedHealth};
-use crate::config::HealthCheckSection;
 use crate::metrics::ProxyMetrics;
+
+/// How backends are probed, and how many answers in a row move them.
+#[derive(Clone, Debug)]
+pub struct HealthCheckSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive SERVING answers that make an unhealthy backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failed checks that make a backend unhealthy.
+    pub unhealthy_threshold: u32,
+    /// The service name asked about ("" = the whole server).
+    pub service: String,
+}
+
+impl Default for HealthCheckSettings {
+    fn default() -> Self {
+        HealthCheckSettings {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+            service: String::new(),
+        }
+    }
+}
 
 pub fn spawn_health_checks(
     backends: Arc<Backends>,
-    config: HealthCheckSection,
+    config: HealthCheckSettings,
     metrics: ProxyMetrics,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -39,7 +64,7 @@ pub fn spawn_health_checks(
                 tokio::spawn(async move {
                     let result = probe(&backend, &config).await;
                     backend.check_running.store(false, Ordering::Release);
-                    metrics.health_check(&backend.addr, result);
+                    metrics.health_check(&backend.addr, result.as_str());
                     if let Some(now) = backend.record_check(
                         result,
                         config.healthy_threshold,
@@ -53,16 +78,26 @@ pub fn spawn_health_checks(
     })
 }
 
-async fn probe(backend: &Backend, config: &HealthCheckSection) -> CheckedHealth {
-    let channel = backend
-        .health_channel
-        .get_or_init(|| {
-            tonic::transport::Endpoint::from_shared(format!("http://{}", backend.addr))
-                .expect("backend addresses are host:port")
-                .connect_timeout(config.timeout)
-                .connect_lazy()
-        })
-        .clone();
+async fn probe(backend: &Backend, config: &HealthCheckSettings) -> CheckedHealth {
+    let channel = match backend.health_channel.get() {
+        Some(channel) => channel.clone(),
+        None => {
+            // Discovery only lets host:port addresses through; should one
+            // still not make a URI, the backend cannot be reached either.
+            let endpoint = match tonic::transport::Endpoint::from_shared(format!(
+                "http://{}",
+                backend.addr
+            )) {
+                Ok(endpoint) => endpoint,
+                Err(err) => {
+                    tracing::warn!(backend = %backend.addr, cause = %err, "backend address is not a URI authority; not serving");
+                    return CheckedHealth::NotServing;
+                }
+            };
+            let channel = endpoint.connect_timeout(config.timeout).connect_lazy();
+            backend.health_channel.get_or_init(|| channel).clone()
+        }
+    };
     let request = HealthCheckRequest {
         service: config.service.clone(),
     };
@@ -79,16 +114,18 @@ async fn probe(backend: &Backend, config: &HealthCheckSection) -> CheckedHealth 
 mod tests {
     use super::*;
     use crate::upstream::PoolConfig;
-    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_probe_of_an_address_that_is_no_uri_says_not_serving_instead_of_panicking() {
+        let backends = Backends::new(PoolConfig::default());
+        let b = backends.get(&"a b:80".into());
+        let config = HealthCheckSettings::default();
+        assert_eq!(probe(&b, &config).await, CheckedHealth::NotServing);
+    }
 
     #[test]
     fn thresholds_gate_transitions() {
-        let backends = Backends::new(PoolConfig {
-            connections: 1,
-            connect_timeout: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(5),
-        });
+        let backends = Backends::new(PoolConfig::default());
         let b = backends.get(&"127.0.0.1:1".into());
         assert_eq!(
             b.record_check(CheckedHealth::Serving, 2, 2),

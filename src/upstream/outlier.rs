@@ -6,7 +6,28 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::OutlierSection;
+/// When a backend is ejected, and for how long.
+#[derive(Clone, Debug)]
+pub struct OutlierSettings {
+    /// Consecutive failed calls that eject a backend.
+    pub consecutive_failures: u32,
+    /// First ejection's length; each further ejection adds as much.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// At most this share of a service's endpoints is ejected at once (at least one).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Outlier {
@@ -34,17 +55,23 @@ impl Outlier {
 
     /// Records a failure; true when it crossed the threshold and the backend
     /// should be ejected (the caller checks the service's ejection cap).
-    pub fn record_failure(&self, config: &OutlierSection) -> bool {
+    pub fn record_failure(&self, config: &OutlierSettings) -> bool {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         n >= config.consecutive_failures && !self.is_ejected()
     }
 
     /// Ejects for `base × times ejected` (capped); returns how long.
-    pub fn eject(&self, config: &OutlierSection) -> Duration {
+    pub fn eject(&self, config: &OutlierSettings) -> Duration {
         let times = self.times_ejected.fetch_add(1, Ordering::Relaxed) + 1;
-        let length = (config.base_ejection_time * times).min(config.max_ejection_time);
+        let length = config
+            .base_ejection_time
+            .checked_mul(times)
+            .map_or(config.max_ejection_time, |l| {
+                l.min(config.max_ejection_time)
+            });
+        let length_ms = i64::try_from(length.as_millis()).unwrap_or(i64::MAX / 2);
         self.ejected_until
-            .store(clock_ms() + length.as_millis() as i64, Ordering::Relaxed);
+            .store(clock_ms().saturating_add(length_ms), Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         length
     }
@@ -54,8 +81,8 @@ impl Outlier {
 mod tests {
     use super::*;
 
-    fn config() -> OutlierSection {
-        OutlierSection {
+    fn config() -> OutlierSettings {
+        OutlierSettings {
             consecutive_failures: 3,
             base_ejection_time: Duration::from_secs(10),
             max_ejection_time: Duration::from_secs(25),

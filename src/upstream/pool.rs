@@ -1,8 +1,8 @@
 //! HTTP/2 connections to one backend, shared by every call to it.
 //!
-//! A pool keeps `n` connection slots; calls are spread over them and
-//! multiplexed on each. A slot connects on first use and again after its
-//! connection closes. Callers that find a slot connecting wait for that one
+//! A pool keeps `n` connections; calls are spread over them and
+//! multiplexed on each. Each connects on first use and again after its
+//! connection closes. Callers that find one connecting wait for that one
 //! attempt; no lock is held across the wait.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,14 +14,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::proxy::body::ReplayBody;
+use super::replay::ReplayBody;
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
+    /// HTTP/2 connections kept to each backend.
     pub connections: usize,
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            connections: 1,
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -43,7 +55,7 @@ pub enum ConnectError {
 pub type Sender = SendRequest<ReplayBody>;
 type Attempt = watch::Receiver<Option<Result<Sender, ConnectError>>>;
 
-enum SlotState {
+enum ConnState {
     Idle,
     Connecting(Attempt),
     Ready(Sender),
@@ -52,7 +64,7 @@ enum SlotState {
 pub struct Pool {
     addr: Arc<str>,
     config: PoolConfig,
-    slots: Box<[Mutex<SlotState>]>,
+    conns: Box<[Mutex<ConnState>]>,
     next: AtomicUsize,
 }
 
@@ -64,29 +76,29 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn new(addr: Arc<str>, config: PoolConfig) -> Self {
-        let slots = (0..config.connections.max(1))
-            .map(|_| Mutex::new(SlotState::Idle))
+        let conns = (0..config.connections.max(1))
+            .map(|_| Mutex::new(ConnState::Idle))
             .collect();
         Pool {
             addr,
             config,
-            slots,
+            conns,
             next: AtomicUsize::new(0),
         }
     }
 
     /// A sender on an open connection, connecting first if needed.
     pub async fn sender(&self) -> Result<Sender, ConnectError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let mut attempt = {
-            let mut slot = self.slots[i].lock().expect("pool slot poisoned");
-            match &*slot {
-                SlotState::Ready(s) if !s.is_closed() => return Ok(s.clone()),
-                SlotState::Connecting(rx) => rx.clone(),
+            let mut conn = self.conns[i].lock().expect("pool connection poisoned");
+            match &*conn {
+                ConnState::Ready(s) if !s.is_closed() => return Ok(s.clone()),
+                ConnState::Connecting(rx) => rx.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
-                    *slot = SlotState::Connecting(rx.clone());
-                    tokio::spawn(connect_slot(self.addr.clone(), self.config.clone(), tx));
+                    *conn = ConnState::Connecting(rx.clone());
+                    tokio::spawn(connect_into(self.addr.clone(), self.config.clone(), tx));
                     rx
                 }
             }
@@ -102,27 +114,27 @@ impl Pool {
                 });
             }
         };
-        let mut slot = self.slots[i].lock().expect("pool slot poisoned");
-        if let SlotState::Connecting(rx) = &*slot {
+        let mut conn = self.conns[i].lock().expect("pool connection poisoned");
+        if let ConnState::Connecting(rx) = &*conn {
             if rx.same_channel(&attempt) {
-                *slot = match &outcome {
-                    Ok(s) => SlotState::Ready(s.clone()),
-                    Err(_) => SlotState::Idle,
+                *conn = match &outcome {
+                    Ok(s) => ConnState::Ready(s.clone()),
+                    Err(_) => ConnState::Idle,
                 };
             }
         }
         outcome
     }
 
-    /// True when some slot holds an open connection.
+    /// True when some conn holds an open connection.
     pub fn is_connected(&self) -> bool {
-        self.slots.iter().any(|s| {
-            matches!(&*s.lock().expect("pool slot poisoned"), SlotState::Ready(s) if !s.is_closed())
+        self.conns.iter().any(|s| {
+            matches!(&*s.lock().expect("pool connection poisoned"), ConnState::Ready(s) if !s.is_closed())
         })
     }
 }
 
-async fn connect_slot(
+async fn connect_into(
     addr: Arc<str>,
     config: PoolConfig,
     done: watch::Sender<Option<Result<Sender, ConnectError>>>,
@@ -142,7 +154,10 @@ async fn connect(addr: &Arc<str>, config: &PoolConfig) -> Result<Sender, Connect
             addr: addr.clone(),
             cause: Arc::new(e),
         })?;
-    let _ = stream.set_nodelay(true);
+    if let Err(err) = stream.set_nodelay(true) {
+        // Still usable, only slower for small frames.
+        tracing::debug!(backend = %addr, cause = %err, "cannot set TCP_NODELAY");
+    }
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use etcd_client::{CompactionOptions, PutOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use weir::discovery::{watch, DeclaredHealth, EtcdConfig};
+use weir::discovery::{spawn_watch, DeclaredHealth, EtcdConfig};
 use weir::testkit::Etcd;
 
 use crate::support::{addrs, client, key, wait_on, Discovery, PREFIX};
@@ -160,7 +160,7 @@ async fn a_watch_resumed_from_a_compacted_revision_resets_to_exactly_the_right_s
     assert!(head > stopped_at + 1);
 
     let cancel = CancellationToken::new();
-    let task = watch::spawn_watch(
+    let task = spawn_watch(
         client(&etcd).await,
         table.clone(),
         EtcdConfig::new(etcd.endpoints(), PREFIX),

@@ -9,3 +9,4 @@ mod python;
 mod register;
 mod serve;
 mod support;
+mod tidy;

@@ -223,7 +223,7 @@ async fn deadlines_are_enforced_and_forwarded() {
         .get("x-seen-grpc-timeout")
         .expect("the backend got a grpc-timeout");
     let seen =
-        weir::proxy::timeout::parse(&http::HeaderValue::from_str(seen.to_str().unwrap()).unwrap())
+        weir::parse_grpc_timeout(&http::HeaderValue::from_str(seen.to_str().unwrap()).unwrap())
             .unwrap();
     assert!(
         seen <= Duration::from_secs(5) && seen > Duration::from_secs(4),
@@ -841,4 +841,55 @@ async fn ejection_is_capped_at_the_configured_share_of_a_service() {
         .filter(|l| l.starts_with("weir_ejections_total{"))
         .count();
     assert_eq!(ejected, 2, "half of 4 endpoints at most:\n{m}");
+}
+
+/// Regression: `a b:80` passed the address check, then the health prober
+/// `expect`ed a URI and panicked: that backend was never checked again. Such
+/// a value is now skipped when read (logged, counted), the gateway's other
+/// endpoints keep serving and being checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_with_a_space_is_skipped_and_health_checks_go_on() {
+    let env = Env::start(1, ROUTE_ECHO).await;
+    let admin = env.gateway().admin_addr;
+    let mut etcd = client(&env.etcd).await;
+    etcd.put(key("echo", "spaced"), r#"{"addr":"a b:80"}"#, None)
+        .await
+        .unwrap();
+    etcd.put(key("echo", "tabbed"), r#"{"Op":0,"Addr":"a\tb:80"}"#, None)
+        .await
+        .unwrap();
+    eventually(
+        "both values skipped and counted",
+        Duration::from_secs(10),
+        || async {
+            admin_get(admin, "/metrics")
+                .await
+                .1
+                .contains("weir_discovery_skipped_values_total 2")
+        },
+    )
+    .await;
+    let set = env.gateway().table.get("echo").unwrap();
+    assert_eq!(set.len(), 1, "only the good endpoint: {set:?}");
+
+    let mut c = env.client().await;
+    let b0 = env.backend(0).addr;
+    let checks = || async move {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        let needle = format!("weir_health_checks_total{{backend=\"{b0}\",result=\"serving\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = checks().await;
+    eventually(
+        "the good backend is still health-checked",
+        Duration::from_secs(10),
+        || async { checks().await >= before + 3 },
+    )
+    .await;
+    for _ in 0..5 {
+        c.unary(req("still serving")).await.expect("call succeeds");
+    }
 }

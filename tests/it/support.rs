@@ -27,7 +27,7 @@ impl Discovery {
     pub async fn start(endpoints: Vec<String>, snapshot: Option<PathBuf>) -> Discovery {
         let mut config = EtcdConfig::new(endpoints, PREFIX);
         config.snapshot = snapshot;
-        config.backoff_max = Duration::from_millis(500);
+        config.follow.backoff_max = Duration::from_millis(500);
         let metrics = DiscoveryMetrics::default();
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();

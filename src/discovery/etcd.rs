@@ -1,0 +1,434 @@
+//! The etcd session, written once: how weir connects to etcd, bounds its
+//! requests, backs off, lists a prefix and follows it.
+//!
+//! Every etcd user goes through here: the endpoint watch, the policy watch,
+//! the lease poller and the registration agent. [`follow`] is the one
+//! list → watch → resume loop: it lists a prefix (paged, at one revision),
+//! watches from `revision + 1`, resumes after an error from the last
+//! revision its [`Follower`] applied, and lists again — handed over as one
+//! reset — when that history is gone: compacted, a different cluster, or a
+//! revision that went backwards (etcd wiped or restored from a backup).
+//! Only progress etcd confirms (events, progress notifications) ever moves
+//! a follower's position.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Listing page size, in keys.
+const LIST_PAGE: i64 = 1000;
+
+/// A client for `endpoints`. Connection is lazy: this succeeds while etcd is down.
+///
+/// HTTP/2 pings go every 10 s: etcd cuts streams of clients that ping more
+/// often than its `--grpc-keepalive-min-time` (5 s by default).
+pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_connect_timeout(Duration::from_secs(3));
+    Client::connect(endpoints, Some(options)).await
+}
+
+/// Why an etcd request gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd request failed: {0}")]
+    Request(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Runs one etcd request, giving up after `limit`.
+pub async fn bounded<T>(
+    limit: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| EtcdError::Timeout(limit))?
+        .map_err(EtcdError::from)
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::random_range(0.5..=1.0);
+        cap.mul_f64(jitter)
+    }
+}
+
+/// Where in an etcd cluster's history a follower stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub cluster_id: u64,
+    pub revision: i64,
+}
+
+/// One key-value change, independent of the etcd client's types.
+#[derive(Clone, Copy, Debug)]
+pub enum KvChange<'a> {
+    Put {
+        key: &'a [u8],
+        value: &'a [u8],
+        lease: i64,
+    },
+    Delete {
+        key: &'a [u8],
+    },
+}
+
+/// A key-value as listed.
+#[derive(Clone, Copy, Debug)]
+pub struct Kv<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub lease: i64,
+}
+
+/// Why a prefix is listed (again) rather than resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relist {
+    /// Nothing was listed yet.
+    Start,
+    /// The revision to resume from was compacted away.
+    Compacted,
+    /// etcd answers with another cluster id (a new cluster, or a restore).
+    ClusterChanged,
+    /// etcd's revision is behind the follower's (wiped, or restored from a backup).
+    RevisionBackwards,
+}
+
+impl Relist {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Relist::Start => "start",
+            Relist::Compacted => "compacted",
+            Relist::ClusterChanged => "cluster_changed",
+            Relist::RevisionBackwards => "revision_backwards",
+        }
+    }
+}
+
+/// What keeps a picture of one prefix: told a full listing as a reset, then
+/// each batch of changes, and every position etcd confirms.
+pub trait Follower: Send + Sync {
+    /// The position the picture reflects; `None` forces a listing.
+    fn position(&self) -> Option<Position>;
+    /// Replaces the picture with a full listing taken at `at`.
+    fn reset(&self, kvs: &[Kv<'_>], at: Position, reason: Relist);
+    /// Applies one batch of watched changes; `at` is its newest revision.
+    fn apply(&self, changes: &[KvChange<'_>], at: Position);
+    /// etcd confirmed that every change up to `at` has been delivered.
+    fn advance_to(&self, at: Position);
+    /// The position is no longer worth resuming from: list next time.
+    fn forget_position(&self);
+    /// The watch was established (`true`) or its session ended (`false`).
+    fn watching(&self, _established: bool) {}
+}
+
+/// How a follower's sessions are run.
+#[derive(Clone, Copy, Debug)]
+pub struct FollowSettings {
+    /// Bound on every unary request (the probe, each listing page).
+    pub request_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for FollowSettings {
+    fn default() -> Self {
+        FollowSettings {
+            request_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a watch session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("watch start revision {requested} was compacted (oldest kept: {compacted})")]
+    Compacted { requested: i64, compacted: i64 },
+    #[error("etcd cancelled the watch: {0}")]
+    Cancelled(String),
+    #[error("etcd closed the watch stream")]
+    Closed,
+    #[error("etcd response without a header")]
+    NoHeader,
+}
+
+impl From<etcd_client::Error> for WatchError {
+    fn from(err: etcd_client::Error) -> Self {
+        WatchError::Etcd(EtcdError::Request(err))
+    }
+}
+
+enum Never {}
+
+/// Keeps `follower` in step with the keys under `prefix` until `cancel`.
+pub async fn follow<F: Follower>(
+    client: Client,
+    prefix: &str,
+    settings: FollowSettings,
+    follower: &F,
+    cancel: &CancellationToken,
+) {
+    let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+    let mut why_unpositioned = Relist::Start;
+    loop {
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ended = session(client.clone(), prefix, settings, follower, why_unpositioned, &mut backoff) => ended,
+        };
+        let err = match ended {
+            Ok(never) => match never {},
+            Err(err) => err,
+        };
+        follower.watching(false);
+        let delay = if let WatchError::Compacted { .. } = err {
+            // The history we would resume from is gone: list again at once.
+            follower.forget_position();
+            why_unpositioned = Relist::Compacted;
+            Duration::ZERO
+        } else {
+            backoff.next_delay()
+        };
+        tracing::warn!(prefix, cause = %err, retry_in = ?delay, "etcd watch session ended; resuming");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One session: resume or list, then follow the watch until it fails.
+async fn session<F: Follower>(
+    mut client: Client,
+    prefix: &str,
+    settings: FollowSettings,
+    follower: &F,
+    why_unpositioned: Relist,
+    backoff: &mut Backoff,
+) -> Result<Never, WatchError> {
+    let start = resume_or_list(&mut client, prefix, settings, follower, why_unpositioned).await?;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(start)
+        .with_progress_notify();
+    let mut stream = bounded(
+        settings.request_timeout,
+        client.watch(prefix, Some(options)),
+    )
+    .await?;
+    follower.watching(true);
+    backoff.reset();
+    watch_events(&mut stream, start, follower).await
+}
+
+/// The revision to watch from: right after the follower's position when
+/// etcd still has that history, else after a fresh listing handed over as
+/// a reset.
+async fn resume_or_list<F: Follower>(
+    client: &mut Client,
+    prefix: &str,
+    settings: FollowSettings,
+    follower: &F,
+    why_unpositioned: Relist,
+) -> Result<i64, WatchError> {
+    let now = probe(client, prefix, settings.request_timeout).await?;
+    let reason = match follower.position() {
+        Some(at) if at.cluster_id != now.cluster_id => Relist::ClusterChanged,
+        Some(at) if at.revision > now.revision => Relist::RevisionBackwards,
+        Some(at) => return Ok(at.revision + 1),
+        None => why_unpositioned,
+    };
+    let listed = list_at(client, prefix, now.revision, settings.request_timeout).await?;
+    tracing::info!(
+        prefix,
+        reason = reason.as_str(),
+        revision = now.revision,
+        keys = listed.len(),
+        "listed etcd prefix"
+    );
+    let kvs: Vec<Kv<'_>> = listed
+        .iter()
+        .map(|kv| Kv {
+            key: kv.key(),
+            value: kv.value(),
+            lease: kv.lease(),
+        })
+        .collect();
+    follower.reset(&kvs, now, reason);
+    Ok(now.revision + 1)
+}
+
+/// The cluster and its current revision, from a one-key read.
+async fn probe(
+    client: &mut Client,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<Position, WatchError> {
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_limit(1);
+    let probe = bounded(timeout, client.get(prefix, Some(options))).await?;
+    let head = probe.header().ok_or(WatchError::NoHeader)?;
+    Ok(Position {
+        cluster_id: head.cluster_id(),
+        revision: head.revision(),
+    })
+}
+
+/// Hands each batch of events to the follower until the stream fails.
+async fn watch_events<F: Follower>(
+    stream: &mut etcd_client::WatchStream,
+    start: i64,
+    follower: &F,
+) -> Result<Never, WatchError> {
+    loop {
+        let Some(resp) = stream.message().await? else {
+            return Err(WatchError::Closed);
+        };
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                return Err(WatchError::Compacted {
+                    requested: start,
+                    compacted: resp.compact_revision(),
+                });
+            }
+            return Err(WatchError::Cancelled(resp.cancel_reason().to_owned()));
+        }
+        let Some(header) = resp.header() else {
+            return Err(WatchError::NoHeader);
+        };
+        let cluster_id = header.cluster_id();
+        let events = resp.events();
+        if events.is_empty() {
+            // Creation ack or progress notification: every event up to the
+            // header revision has been delivered.
+            if !resp.created() {
+                follower.advance_to(Position {
+                    cluster_id,
+                    revision: header.revision(),
+                });
+            }
+            continue;
+        }
+        let mut revision = 0;
+        let changes: Vec<KvChange<'_>> = events
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                revision = revision.max(kv.mod_revision());
+                Some(match ev.event_type() {
+                    EventType::Put => KvChange::Put {
+                        key: kv.key(),
+                        value: kv.value(),
+                        lease: kv.lease(),
+                    },
+                    EventType::Delete => KvChange::Delete { key: kv.key() },
+                })
+            })
+            .collect();
+        follower.apply(
+            &changes,
+            Position {
+                cluster_id,
+                revision,
+            },
+        );
+    }
+}
+
+/// Lists every key under `prefix` at `revision`, a page at a time, so a large
+/// fleet never needs one response bigger than the client's message limit.
+pub async fn list_at(
+    client: &mut Client,
+    prefix: &str,
+    revision: i64,
+    timeout: Duration,
+) -> Result<Vec<KeyValue>, EtcdError> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut all = Vec::new();
+    loop {
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_revision(revision)
+            .with_limit(LIST_PAGE);
+        let mut page = bounded(timeout, client.get(from.clone(), Some(options))).await?;
+        let more = page.more();
+        let kvs = page.take_kvs();
+        let Some(last) = kvs.last() else { break };
+        from = last.key().to_vec();
+        from.push(0);
+        all.extend(kvs);
+        if !more {
+            break;
+        }
+    }
+    Ok(all)
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end(b"/svc/"), b"/svc0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
+        assert!(delays[7] >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,132 @@
+//! The configuration file turned into each subsystem's own settings: the one
+//! place where `config` sections meet the types that discovery, upstream,
+//! the proxy and the policy host take.
+
+use crate::config::{
+    Config, HealthCheckSection, OutlierSection, PolicySection, RetrySection, UpstreamSection,
+};
+use crate::discovery::{EtcdConfig, LeasePollConfig};
+use crate::policy::Limits;
+use crate::proxy::RetrySettings;
+use crate::upstream::{HealthCheckSettings, OutlierSettings, PoolConfig};
+
+impl From<&Config> for EtcdConfig {
+    fn from(config: &Config) -> Self {
+        let mut etcd = EtcdConfig::new(config.etcd.endpoints.clone(), config.etcd.prefix.clone());
+        etcd.snapshot = config.etcd.snapshot.clone();
+        etcd.lease_poll = LeasePollConfig {
+            polls_per_second: config.etcd.lease_polls_per_second,
+            ..LeasePollConfig::default()
+        };
+        etcd
+    }
+}
+
+impl From<&UpstreamSection> for PoolConfig {
+    fn from(section: &UpstreamSection) -> Self {
+        PoolConfig {
+            connections: section.connections_per_backend,
+            connect_timeout: section.connect_timeout,
+            keepalive_interval: section.keepalive_interval,
+            keepalive_timeout: section.keepalive_timeout,
+        }
+    }
+}
+
+impl From<&HealthCheckSection> for HealthCheckSettings {
+    fn from(section: &HealthCheckSection) -> Self {
+        HealthCheckSettings {
+            interval: section.interval,
+            timeout: section.timeout,
+            healthy_threshold: section.healthy_threshold,
+            unhealthy_threshold: section.unhealthy_threshold,
+            service: section.service.clone(),
+        }
+    }
+}
+
+impl From<&OutlierSection> for OutlierSettings {
+    fn from(section: &OutlierSection) -> Self {
+        OutlierSettings {
+            consecutive_failures: section.consecutive_failures,
+            base_ejection_time: section.base_ejection_time,
+            max_ejection_time: section.max_ejection_time,
+            max_ejection_percent: section.max_ejection_percent,
+        }
+    }
+}
+
+impl From<&RetrySection> for RetrySettings {
+    fn from(section: &RetrySection) -> Self {
+        RetrySettings {
+            budget_percent: section.budget_percent,
+            min_per_second: section.min_per_second,
+        }
+    }
+}
+
+impl From<&PolicySection> for Limits {
+    fn from(section: &PolicySection) -> Self {
+        Limits {
+            deadline: section.deadline,
+            // Bounded by the config check, so the shift cannot overflow.
+            memory_bytes: section.memory_mib << 20,
+            instances: section.instances,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file's defaults and the subsystems' own defaults say the same:
+    /// a library user who builds settings by hand gets what `weir serve` does.
+    #[test]
+    fn file_defaults_match_the_subsystems_defaults() {
+        let config = Config::parse("", std::path::Path::new("weir.toml")).unwrap();
+        let pool = PoolConfig::from(&config.upstream);
+        let default_pool = PoolConfig::default();
+        assert_eq!(pool.connections, default_pool.connections);
+        assert_eq!(pool.connect_timeout, default_pool.connect_timeout);
+        assert_eq!(pool.keepalive_interval, default_pool.keepalive_interval);
+        assert_eq!(pool.keepalive_timeout, default_pool.keepalive_timeout);
+        let health = HealthCheckSettings::from(&config.health_check);
+        let default_health = HealthCheckSettings::default();
+        assert_eq!(health.interval, default_health.interval);
+        assert_eq!(health.timeout, default_health.timeout);
+        assert_eq!(health.healthy_threshold, default_health.healthy_threshold);
+        assert_eq!(
+            health.unhealthy_threshold,
+            default_health.unhealthy_threshold
+        );
+        let outlier = OutlierSettings::from(&config.outlier);
+        let default_outlier = OutlierSettings::default();
+        assert_eq!(
+            outlier.consecutive_failures,
+            default_outlier.consecutive_failures
+        );
+        assert_eq!(
+            outlier.base_ejection_time,
+            default_outlier.base_ejection_time
+        );
+        assert_eq!(outlier.max_ejection_time, default_outlier.max_ejection_time);
+        assert_eq!(
+            outlier.max_ejection_percent,
+            default_outlier.max_ejection_percent
+        );
+        let retry = RetrySettings::from(&config.retry);
+        assert_eq!(
+            retry.budget_percent,
+            RetrySettings::default().budget_percent
+        );
+        assert_eq!(
+            retry.min_per_second,
+            RetrySettings::default().min_per_second
+        );
+        let limits = Limits::from(&config.policy);
+        assert_eq!(limits.deadline, Limits::default().deadline);
+        assert_eq!(limits.memory_bytes, Limits::default().memory_bytes);
+        assert_eq!(limits.instances, Limits::default().instances);
+    }
+}

@@ -1,0 +1,141 @@
+//! A client's request body on its way to backends, kept (up to a limit) so
+//! that a call that never reached its backend can be sent to another.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// How much of a request is kept so a call that never reached its backend
+/// can be sent again. Unary calls usually fit; a longer stream past this
+/// point is no longer retried.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct ReplayState {
+    inner: Incoming,
+    /// Data frames taken so far, while they fit in [`REPLAY_LIMIT`].
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    overflowed: bool,
+    trailers: Option<HeaderMap>,
+    ended: bool,
+    /// Only the newest attempt may read on from the client.
+    attempt: u32,
+}
+
+/// A client's request body, shared by the attempts of one call. Each attempt
+/// first replays what earlier attempts took, then reads on from the client.
+pub struct ReplayBody {
+    state: Arc<Mutex<ReplayState>>,
+    attempt: u32,
+    /// Frames of `kept` this attempt has sent.
+    pos: usize,
+    sent_trailers: bool,
+}
+
+impl ReplayBody {
+    pub fn new(inner: Incoming) -> Self {
+        let state = ReplayState {
+            inner,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            overflowed: false,
+            trailers: None,
+            ended: false,
+            attempt: 0,
+        };
+        ReplayBody {
+            state: Arc::new(Mutex::new(state)),
+            attempt: 0,
+            pos: 0,
+            sent_trailers: false,
+        }
+    }
+
+    /// A body for the next attempt, or `None` once too much was sent to replay.
+    pub fn retry(&self) -> Option<ReplayBody> {
+        let mut state = self.state.lock().expect("replay state poisoned");
+        if state.overflowed {
+            return None;
+        }
+        state.attempt += 1;
+        Some(ReplayBody {
+            state: self.state.clone(),
+            attempt: state.attempt,
+            pos: 0,
+            sent_trailers: false,
+        })
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut state = this.state.lock().expect("replay state poisoned");
+        if state.attempt != this.attempt {
+            return Poll::Ready(Some(Err("superseded by a retry".into())));
+        }
+        if this.pos < state.kept.len() {
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(state.kept[this.pos - 1].clone()))));
+        }
+        if state.ended {
+            if !this.sent_trailers {
+                this.sent_trailers = true;
+                if let Some(t) = state.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut state.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.ended = true;
+                this.sent_trailers = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !state.overflowed && state.kept_bytes + data.len() <= REPLAY_LIMIT {
+                        state.kept_bytes += data.len();
+                        state.kept.push(data.clone());
+                        this.pos += 1;
+                    } else if !state.overflowed {
+                        state.overflowed = true;
+                        state.kept = Vec::new();
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    state.trailers = Some(t.clone());
+                    state.ended = true;
+                    this.sent_trailers = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.state.lock().expect("replay state poisoned");
+        self.pos >= state.kept.len()
+            && (state.ended && (self.sent_trailers || state.trailers.is_none())
+                || state.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
