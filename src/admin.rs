@@ -84,7 +84,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if state.table.is_ready() => {
-            reply(StatusCode::OK, "text/plain", "ready\n".into())
+            let heard = match state.table.since_heard() {
+                Some(age) => format!("etcd last heard from {:.1}s ago", age.as_secs_f64()),
+                None => "serving the snapshot; etcd not heard from yet".to_owned(),
+            };
+            reply(StatusCode::OK, "text/plain", format!("ready ({heard})\n"))
         }
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -113,7 +117,7 @@ fn routes(state: &AdminState) -> Value {
 }
 
 fn services(state: &AdminState) -> Value {
-    let backends = &state.proxy.shared().backends;
+    let backends = &state.proxy.state().backends;
     let mut out = serde_json::Map::new();
     for (name, set) in state.table.services() {
         let endpoints: Vec<Value> = set
@@ -129,7 +133,9 @@ fn services(state: &AdminState) -> Value {
                         "failures": b.load.failures(),
                         "health": b.health().as_str(),
                         "ejected": b.outlier.is_ejected(),
+                        "times_ejected": b.outlier.times_ejected(),
                         "connected": b.pool.is_connected(),
+                        "pool": b.pool.view(),
                     });
                 }
                 v

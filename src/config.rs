@@ -102,21 +102,41 @@ pub struct EtcdSection {
     pub snapshot: Option<PathBuf>,
     #[serde(default = "defaults::lease_polls_per_second")]
     pub lease_polls_per_second: u32,
+    /// How often the watch asks etcd to confirm it is alive and current; a
+    /// member silent for that long is left for another.
+    #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
+    pub progress_interval: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// HTTP/2 connections kept to each backend; calls are multiplexed on them.
+    /// HTTP/2 connections calls are spread over before another is opened.
     #[serde(default = "defaults::connections_per_backend")]
     pub connections_per_backend: usize,
+    /// Connections to one backend at most: another opens when all are full.
+    #[serde(default = "defaults::max_connections_per_backend")]
+    pub max_connections_per_backend: usize,
+    /// Streams one connection carries at most (the backend's own
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` too is respected).
+    #[serde(default = "defaults::max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// Calls that may wait for a free stream to one backend at once.
+    #[serde(default = "defaults::max_queued_per_backend")]
+    pub max_queued_per_backend: usize,
+    /// How long a call waits for a free stream before it goes elsewhere.
+    #[serde(default = "defaults::queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// HTTP/2 PING interval on upstream connections.
+    /// HTTP/2 PING interval while streams are open ("0s": never ping).
     #[serde(default = "defaults::keepalive_interval", with = "humantime_serde")]
     pub keepalive_interval: Duration,
     #[serde(default = "defaults::keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Error messages sent to clients may name backend addresses.
+    #[serde(default)]
+    pub name_backends_in_errors: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -211,17 +231,35 @@ mod defaults {
     pub fn lease_polls_per_second() -> u32 {
         100
     }
+    pub fn progress_interval() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn connections_per_backend() -> usize {
         1
+    }
+    pub fn max_connections_per_backend() -> usize {
+        32
+    }
+    pub fn max_streams_per_connection() -> u32 {
+        1000
+    }
+    pub fn max_queued_per_backend() -> usize {
+        1000
+    }
+    pub fn queue_timeout() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(1)
     }
+    /// C-core, grpc-go and grpc-java servers accept one ping per 5 minutes
+    /// while streams are open and send GOAWAY ENHANCE_YOUR_CALM to clients
+    /// that ping more often; pings only detect a dead connection sooner.
     pub fn keepalive_interval() -> Duration {
-        Duration::from_secs(10)
+        Duration::from_secs(300)
     }
     pub fn keepalive_timeout() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(20)
     }
     pub fn budget_percent() -> f32 {
         20.0
@@ -356,10 +394,36 @@ impl Config {
                 format!("must be between 1 and {MAX_LEASE_POLLS_PER_SECOND}"),
             ));
         }
-        if self.upstream.connections_per_backend == 0 {
+        let upstream = &self.upstream;
+        if upstream.connections_per_backend == 0 {
             return fail(
                 "upstream.connections_per_backend".into(),
                 "must be at least 1",
+            );
+        }
+        if upstream.max_connections_per_backend < upstream.connections_per_backend
+            || upstream.max_connections_per_backend > 1024
+        {
+            return fail(
+                "upstream.max_connections_per_backend".into(),
+                "must be between connections_per_backend and 1024",
+            );
+        }
+        if upstream.max_streams_per_connection == 0 {
+            return fail(
+                "upstream.max_streams_per_connection".into(),
+                "must be at least 1",
+            );
+        }
+        if upstream.keepalive_interval > MAX_DURATION {
+            return fail("upstream.keepalive_interval".into(), "must be at most 24h");
+        }
+        if !upstream.keepalive_interval.is_zero()
+            && upstream.keepalive_interval < Duration::from_secs(10)
+        {
+            tracing::warn!(
+                interval = ?upstream.keepalive_interval,
+                "upstream.keepalive_interval under 10s: gRPC servers allow one ping per 5 minutes by default and answer more with GOAWAY ENHANCE_YOUR_CALM"
             );
         }
         if !(0.0..=100.0).contains(&self.retry.budget_percent) {
@@ -369,6 +433,7 @@ impl Config {
             return fail("health_check".into(), "thresholds must be at least 1");
         }
         let durations = [
+            ("etcd.progress_interval", self.etcd.progress_interval),
             ("health_check.interval", self.health_check.interval),
             ("health_check.timeout", self.health_check.timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),

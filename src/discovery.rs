@@ -93,3 +93,26 @@ pub async fn start(
     }
     Ok(table)
 }
+
+/// `weir_discovery_seconds_since_heard`: how long since etcd last said
+/// anything on the watch; the endpoint sets are at least this old.
+#[derive(Debug)]
+pub struct Staleness(pub Arc<ServiceTable>);
+
+impl prometheus_client::collector::Collector for Staleness {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let Some(age) = self.0.since_heard() else {
+            return Ok(());
+        };
+        let mut metric = encoder.encode_descriptor(
+            "seconds_since_heard",
+            "seconds since etcd last said anything on the watch (events, progress); absent before it ever did",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        metric.encode_gauge(&age.as_secs_f64())
+    }
+}

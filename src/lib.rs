@@ -26,6 +26,7 @@ pub mod balance;
 pub mod commands;
 pub mod config;
 pub mod discovery;
+pub(crate) mod errors;
 #[cfg(feature = "testkit")]
 pub mod example;
 pub(crate) mod listener;

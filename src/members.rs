@@ -6,40 +6,69 @@
 //! everything that picks or forwards, so `balance`, `policy` and `proxy`
 //! speak of the same members without depending on one another.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use prometheus_client::metrics::counter::Counter;
 
 use crate::discovery::{DeclaredHealth, Endpoint, EndpointSet};
 use crate::upstream::{Backend, Backends};
 
-/// One endpoint of a service, with its backend and its call counters.
+/// How many of something ended with each gRPC status code (0 to 16).
+#[derive(Debug, Default)]
+pub struct CodeCounts([AtomicU64; 17]);
+
+impl CodeCounts {
+    /// Counts one; codes beyond 16 count as UNKNOWN (2).
+    pub fn inc(&self, code: u32) {
+        let i = if (code as usize) < self.0.len() {
+            code as usize
+        } else {
+            2
+        };
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(code, count)` for every code counted at least once.
+    pub fn nonzero(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(code, n)| (code as u32, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// What one backend of one service did: calls that ended there (the last
+/// attempt went to it) and attempts. Shared by every member for that
+/// backend across endpoint-set generations; gone with the last of them.
+#[derive(Debug, Default)]
+pub struct MemberCounts {
+    pub calls: CodeCounts,
+    pub attempts: CodeCounts,
+}
+
+/// One endpoint of a service, with its backend and its counts.
 pub struct Member {
     pub endpoint: Arc<Endpoint>,
     pub backend: Arc<Backend>,
-    /// Calls ended on this member, indexed by gRPC status code.
-    calls: Vec<Counter>,
+    pub counts: Arc<MemberCounts>,
 }
 
 impl Member {
-    /// `calls` holds one counter per gRPC status code (empty: not counted).
-    pub fn new(endpoint: Arc<Endpoint>, backend: Arc<Backend>, calls: Vec<Counter>) -> Self {
+    pub fn new(endpoint: Arc<Endpoint>, backend: Arc<Backend>, counts: Arc<MemberCounts>) -> Self {
         Member {
             endpoint,
             backend,
-            calls,
+            counts,
         }
     }
 
     /// May a call be routed here (declared healthy, passing checks, not ejected)?
     pub fn is_usable(&self) -> bool {
         self.endpoint.health == DeclaredHealth::Healthy && self.backend.is_usable()
-    }
-
-    pub fn count_call(&self, code: u32) {
-        if let Some(c) = self.calls.get(code as usize) {
-            c.inc();
-        }
     }
 }
 
@@ -60,7 +89,10 @@ impl Members {
         let list = set
             .endpoints
             .iter()
-            .map(|e| Arc::new(Member::new(e.clone(), backends.get(&e.addr), Vec::new())))
+            .map(|e| {
+                let counts = Arc::new(MemberCounts::default());
+                Arc::new(Member::new(e.clone(), backends.get(&e.addr), counts))
+            })
             .collect();
         Members { set, list }
     }

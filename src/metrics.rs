@@ -2,12 +2,20 @@
 //!
 //! Each group registers itself into one shared [`Registry`]; a group built with
 //! `Default` records into nothing visible, which is what unit tests want.
+//! Series whose label sets come and go with backends (calls per backend,
+//! pool and health figures) are not kept here: their owners count in plain
+//! atomics and a collector encodes them at scrape time with
+//! [`encode_counters`] and [`encode_gauges`], so a backend that leaves
+//! takes its series with it.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,32 +112,27 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
-/// What the data path records.
+/// What the data path records. (Calls and attempts per backend are
+/// counted by the proxy and encoded at scrape time.)
 #[derive(Clone, Debug)]
 pub struct ProxyMetrics {
-    /// Calls by service, backend (`-` when none was reached) and gRPC status.
-    pub calls: Family<CallLabels, Counter>,
+    /// Call latency per service, gateway-answered calls included (`-`: no service).
     pub call_duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
     pub retries: Family<ServiceLabel, Counter>,
-    /// Retries refused because the global retry budget was spent.
-    pub retries_budget_exhausted: Counter,
-    pub ejections: Family<BackendLabel, Counter>,
+    /// Retries refused because the service's retry budget was spent.
+    pub retries_budget_exhausted: Family<ServiceLabel, Counter>,
     /// Calls routed to every endpoint because none was usable.
     pub panic_mode: Family<ServiceLabel, Counter>,
-    pub health_checks: Family<HealthLabels, Counter>,
     pub active_calls: Gauge,
 }
 
 impl Default for ProxyMetrics {
     fn default() -> Self {
         ProxyMetrics {
-            calls: Family::default(),
             call_duration: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
-            retries_budget_exhausted: Counter::default(),
-            ejections: Family::default(),
+            retries_budget_exhausted: Family::default(),
             panic_mode: Family::default(),
-            health_checks: Family::default(),
             active_calls: Gauge::default(),
         }
     }
@@ -140,13 +143,8 @@ impl ProxyMetrics {
         let m = ProxyMetrics::default();
         let r = registry.sub_registry_with_prefix("weir");
         r.register(
-            "calls",
-            "gRPC calls by service, backend and status",
-            m.calls.clone(),
-        );
-        r.register(
             "call_duration_seconds",
-            "call latency, first byte in to last byte out",
+            "call latency, from the request's arrival to the response's end, once per call (gateway-answered calls included)",
             m.call_duration.clone(),
         );
         r.register(
@@ -156,37 +154,47 @@ impl ProxyMetrics {
         );
         r.register(
             "retries_budget_exhausted",
-            "retries refused because the retry budget was spent",
+            "retries refused because the service's retry budget was spent",
             m.retries_budget_exhausted.clone(),
-        );
-        r.register(
-            "ejections",
-            "backends ejected after consecutive failures",
-            m.ejections.clone(),
         );
         r.register(
             "panic_mode",
             "calls routed to all endpoints because none was usable",
             m.panic_mode.clone(),
         );
-        r.register(
-            "health_checks",
-            "active health-check results",
-            m.health_checks.clone(),
-        );
         r.register("active_calls", "calls in flight", m.active_calls.clone());
         m
     }
+}
 
-    /// One health-check result (`serving`, `not_serving`, `unknown`) of `backend`.
-    pub fn health_check(&self, backend: &str, result: &'static str) {
-        self.health_checks
-            .get_or_create(&HealthLabels {
-                backend: backend.to_owned(),
-                result,
-            })
-            .inc();
+/// A counter family computed at scrape time from plain values.
+pub fn encode_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in rows {
+        let mut metric: MetricEncoder<'_> = family.encode_family(&labels)?;
+        metric.encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
     }
+    Ok(())
+}
+
+/// A gauge family computed at scrape time from plain values.
+pub fn encode_gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        let mut metric = family.encode_family(&labels)?;
+        metric.encode_gauge(&value)?;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,10 +1,10 @@
 //! The hot path: one gRPC call from the client to a backend and back.
 //!
 //! route → the service's members (cached per endpoint-set generation) →
-//! usable candidates → the policy's pick → the backend's pooled HTTP/2
-//! connection → the response streamed back. Calls that never reached a
-//! backend are retried on another one, within the route's limit and the
-//! global retry budget. Nothing here waits on etcd or holds a lock across
+//! usable candidates → the policy's pick → a stream on the backend's pooled
+//! HTTP/2 connection → the response streamed back. Calls that never reached
+//! a backend are retried on another one, within the route's limit and the
+//! service's retry budget. Nothing here waits on etcd or holds a lock across
 //! an `.await`.
 
 pub mod body;
@@ -18,17 +18,20 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{Balancer, PickContext, RouteOptions};
-use crate::metrics::{BackendLabel, CallLabels, ProxyMetrics};
-use crate::upstream::{Backends, OutlierSettings, ReplayBody};
+use crate::members::{CodeCounts, Member, Members};
+use crate::metrics::{encode_counters, CallLabels, ProxyMetrics, ServiceLabel};
+use crate::upstream::{h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody};
 
-use crate::members::{Member, Members};
 use body::{Observed, ResponseBody};
-use call::{CallRecord, Learner};
+use call::{AttemptRecord, CallRecord, Learner};
 use router::{split_path, Router};
 use services::{ServiceRuntime, ServiceRuntimes};
 use status::ProxyError;
@@ -36,10 +39,10 @@ use status::ProxyError;
 /// Retries allowed for calls that match no route.
 const DEFAULT_RETRIES: u32 = 2;
 
-/// How many retries the gateway allows on top of its calls.
+/// How many retries each service may make on top of its calls.
 #[derive(Clone, Debug)]
 pub struct RetrySettings {
-    /// Retries allowed as a share of calls, in percent.
+    /// Retries allowed as a share of the service's calls, in percent.
     pub budget_percent: f32,
     /// Retries always allowed per second, whatever the share.
     pub min_per_second: u32,
@@ -54,12 +57,27 @@ impl Default for RetrySettings {
     }
 }
 
+impl RetrySettings {
+    /// A fresh budget with these settings (one per service).
+    pub fn budget(&self) -> TpsBudget {
+        TpsBudget::new(
+            std::time::Duration::from_secs(10),
+            self.min_per_second,
+            self.budget_percent / 100.0,
+        )
+    }
+}
+
 /// State every call shares.
 pub struct ProxyState {
     pub metrics: ProxyMetrics,
     pub backends: Arc<Backends>,
     outlier: OutlierSettings,
-    retry_budget: TpsBudget,
+    /// Client-facing error messages may name backend addresses.
+    name_backends: bool,
+    /// Calls that matched no service, by code, and their durations.
+    unrouted: CodeCounts,
+    unrouted_latency: Histogram,
 }
 
 impl ProxyState {
@@ -67,29 +85,35 @@ impl ProxyState {
         metrics: ProxyMetrics,
         backends: Arc<Backends>,
         outlier: OutlierSettings,
-        retry: &RetrySettings,
+        name_backends: bool,
     ) -> Self {
-        let budget = TpsBudget::new(
-            std::time::Duration::from_secs(10),
-            retry.min_per_second,
-            retry.budget_percent / 100.0,
-        );
+        let unrouted_latency = metrics
+            .call_duration
+            .get_or_create(&ServiceLabel {
+                service: "-".into(),
+            })
+            .clone();
         ProxyState {
             metrics,
             backends,
             outlier,
-            retry_budget: budget,
+            name_backends,
+            unrouted: CodeCounts::default(),
+            unrouted_latency,
         }
     }
 
     /// A call to `member` failed in a way that points at the backend; eject it
-    /// after enough in a row, unless too much of the service is ejected already.
+    /// after enough in a row, unless too much of the service is ejected
+    /// already. The service is looked over only when a streak reaches the
+    /// threshold (and again each threshold further), never on every failure.
     pub fn backend_failed(&self, service: &ServiceRuntime, member: &Member) {
         let backend = &member.backend;
-        if !backend.outlier.record_failure(&self.outlier) {
-            return;
-        }
-        let members = service.members(&self.backends, &self.metrics);
+        let first = match backend.outlier.record_failure(&self.outlier) {
+            OutlierVerdict::Keep => return,
+            OutlierVerdict::Eject { first_of_streak } => first_of_streak,
+        };
+        let members = service.members(&self.backends);
         let ejected = members
             .list
             .iter()
@@ -97,22 +121,18 @@ impl ProxyState {
             .count();
         let cap = (members.len() * self.outlier.max_ejection_percent as usize / 100).max(1);
         if ejected >= cap {
-            tracing::warn!(backend = %backend.addr, service = %service.name, ejected, "not ejecting: the service's ejection cap is reached");
+            if first {
+                tracing::warn!(backend = %backend.addr, service = %service.name, ejected, "not ejecting: the service's ejection cap is reached");
+            }
             return;
         }
         let length = backend.outlier.eject(&self.outlier);
-        self.metrics
-            .ejections
-            .get_or_create(&BackendLabel {
-                backend: backend.addr.to_string(),
-            })
-            .inc();
         tracing::warn!(backend = %backend.addr, service = %service.name, ?length, "backend ejected after consecutive failures");
     }
 }
 
 pub struct Proxy {
-    shared: Arc<ProxyState>,
+    state: Arc<ProxyState>,
     router: Router,
     services: Arc<ServiceRuntimes>,
 }
@@ -134,12 +154,20 @@ struct CallParts<'a> {
     parts: &'a http::request::Parts,
     headers: &'a Arc<HeaderMap>,
     deadline: Option<Instant>,
-    started: Instant,
 }
 
-/// How one attempt on one backend ended.
+/// A backend's answer, with what must live as long as its body.
+struct Answered {
+    response: Response<Incoming>,
+    attempt: AttemptRecord,
+    deadline: Option<Instant>,
+}
+
+/// How one attempt on one backend ended. (Moved once per attempt: boxing
+/// the large variant would cost an allocation per call instead.)
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
-    Answered(Response<ResponseBody>),
+    Answered(Answered),
     /// The backend may have seen the call (or the deadline passed): final.
     Failed(ProxyError),
     /// The call cannot have reached the backend: another may take it.
@@ -150,9 +178,9 @@ enum Attempt {
 }
 
 impl Proxy {
-    pub fn new(shared: Arc<ProxyState>, router: Router, services: Arc<ServiceRuntimes>) -> Self {
+    pub fn new(state: Arc<ProxyState>, router: Router, services: Arc<ServiceRuntimes>) -> Self {
         Proxy {
-            shared,
+            state,
             router,
             services,
         }
@@ -162,107 +190,99 @@ impl Proxy {
         &self.router
     }
 
-    pub fn services(&self) -> &ServiceRuntimes {
+    pub fn services(&self) -> &Arc<ServiceRuntimes> {
         &self.services
     }
 
-    pub fn shared(&self) -> &Arc<ProxyState> {
-        &self.shared
+    pub fn state(&self) -> &Arc<ProxyState> {
+        &self.state
     }
 
-    /// Handles one call; every outcome is a gRPC response.
+    /// Handles one call; every outcome is a gRPC response, and every call
+    /// is counted once, when it ends.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
-        let started = Instant::now();
-        match self.forward(req, started).await {
-            Ok(resp) => resp,
-            Err((service, err)) => {
-                self.shared
-                    .metrics
-                    .calls
-                    .get_or_create(&CallLabels {
-                        service,
-                        backend: "-".into(),
-                        code: status::name(err.code()),
-                    })
-                    .inc();
+        let mut call = CallRecord::start(self.state.clone(), Instant::now());
+        match self.forward(req, &mut call).await {
+            Ok(answered) => respond(answered, call, self.state.name_backends),
+            Err(err) => {
+                call.set_status(err.code());
                 tracing::debug!(cause = %err, "call answered by the gateway");
-                err.into_response()
+                err.into_response(self.state.name_backends)
             }
         }
     }
 
-    /// On error, also returns the service name for the metrics.
     async fn forward(
         &self,
         req: Request<Incoming>,
-        started: Instant,
-    ) -> Result<Response<ResponseBody>, (String, ProxyError)> {
+        call: &mut CallRecord,
+    ) -> Result<Answered, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let unrouted = |e| ("-".to_owned(), e);
-        check_grpc(&parts).map_err(unrouted)?;
+        check_grpc(&parts)?;
         let path = parts.uri.path();
         let (grpc_service, method) =
-            split_path(path).ok_or_else(|| unrouted(ProxyError::BadPath(path.to_owned())))?;
-        let target = self.target(path, grpc_service).map_err(unrouted)?;
-        let name = target.service.name.to_string();
+            split_path(path).ok_or_else(|| ProxyError::BadPath(path.to_owned()))?;
+        let target = self.target(path, grpc_service)?;
+        call.routed(&target.service);
+        let name = &target.service.name;
         let deadline = parts
             .headers
             .get("grpc-timeout")
             .and_then(timeout::parse)
-            .map(|d| started + d);
+            .map(|d| call.started() + d);
         // Shared once, so a policy that reads headers does not copy them per pick.
         let headers = Arc::new(std::mem::take(&mut parts.headers));
 
-        let members = target
-            .service
-            .members(&self.shared.backends, &self.shared.metrics);
+        let members = target.service.members(&self.state.backends);
         if members.is_empty() {
-            let err = if self.services.is_ready() {
+            return Err(if self.services.is_ready() {
                 ProxyError::NoEndpoints {
-                    service: name.clone(),
+                    service: name.to_string(),
                 }
             } else {
                 ProxyError::NotReady {
-                    service: name.clone(),
+                    service: name.to_string(),
                 }
-            };
-            return Err((name, err));
+            });
         }
-        self.shared.retry_budget.deposit();
+        target.service.retry_budget.deposit();
         let body = ReplayBody::new(body);
-        let call = CallParts {
+        let parts_of_call = CallParts {
             parts: &parts,
             headers: &headers,
             deadline,
-            started,
         };
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         loop {
-            let chosen = self
-                .pick(&target, &members, &tried, &headers, method)
-                .map_err(|e| (name.clone(), e))?;
+            let chosen = self.pick(&target, &members, &tried, &headers, method)?;
             tried.push(chosen);
             let member = &members.list[chosen];
+            call.attempting(member);
             // A policy that learns from outcomes hears how this attempt ends.
             let learner = target.balancer.filter(|b| b.learns()).map(|b| Learner {
                 balancer: b.clone(),
                 generation: members.generation(),
                 set_index: chosen as u32,
             });
-            let error = match self.attempt(&target, member, learner, &body, &call).await {
-                Attempt::Answered(resp) => return Ok(resp),
-                Attempt::Failed(err) => return Err((name, err)),
-                Attempt::Lost(err) if !target.idempotent => return Err((name, err)),
+            let started = call.started();
+            let error = match self
+                .attempt(&target, member, learner, &body, &parts_of_call, started)
+                .await
+            {
+                Attempt::Answered(answered) => return Ok(answered),
+                Attempt::Failed(err) => return Err(err),
+                Attempt::Lost(err) if !target.idempotent => return Err(err),
                 Attempt::NotReached(err) | Attempt::Lost(err) => err,
             };
+            tracing::debug!(service = %name, backend = %member.backend.addr, cause = %error, "attempt failed; the call may go to another backend");
             let more_allowed =
                 tried.len() <= target.retries as usize && tried.len() < members.len();
             if !more_allowed {
-                return Err((name, error));
+                return Err(error);
             }
-            if !self.shared.retry_budget.withdraw() {
-                self.shared.metrics.retries_budget_exhausted.inc();
-                return Err((name, error));
+            if !target.service.retry_budget.withdraw() {
+                target.service.retries_budget_exhausted.inc();
+                return Err(error);
             }
             target.service.retries.inc();
         }
@@ -276,32 +296,41 @@ impl Proxy {
         learner: Option<Learner>,
         body: &ReplayBody,
         call: &CallParts<'_>,
+        call_started: Instant,
     ) -> Attempt {
         let service = &target.service;
         let CallParts {
             parts,
             headers,
             deadline,
-            started,
         } = *call;
         let deadline_exceeded = || {
             Attempt::Failed(ProxyError::DeadlineExceeded {
                 service: service.name.to_string(),
             })
         };
+        let upstream_error = |cause: String| ProxyError::Upstream {
+            service: service.name.to_string(),
+            backend: member.backend.addr.to_string(),
+            cause,
+        };
         let Some(body) = body.retry() else {
             // An earlier attempt sent more than can be replayed.
-            return Attempt::Failed(ProxyError::Upstream {
-                service: service.name.to_string(),
-                backend: member.backend.addr.to_string(),
-                cause: "the request was too large to send again after a failed attempt".into(),
-            });
+            return Attempt::Failed(upstream_error(
+                "the request was too large to send again after a failed attempt".into(),
+            ));
         };
-        let mut sender = match within(deadline, member.backend.pool.sender()).await {
+        let stream = match within(deadline, member.backend.pool.stream()).await {
             None => return deadline_exceeded(),
-            Some(Ok(sender)) => sender,
+            Some(Ok(stream)) => stream,
             Some(Err(err)) => {
-                self.shared.backend_failed(service, member);
+                if let PoolError::Connect(_) = err {
+                    member.counts.attempts.inc(status::UNAVAILABLE);
+                    self.state.backend_failed(service, member);
+                } else {
+                    // At capacity: busy, not broken.
+                    member.counts.attempts.inc(status::RESOURCE_EXHAUSTED);
+                }
                 return Attempt::NotReached(ProxyError::Unreachable {
                     service: service.name.to_string(),
                     cause: err.to_string(),
@@ -318,30 +347,56 @@ impl Proxy {
                 .headers_mut()
                 .insert("grpc-timeout", timeout::encode(left));
         }
-        let mut record = CallRecord::start(
-            self.shared.clone(),
+        let mut record = AttemptRecord::start(
+            self.state.clone(),
             service.clone(),
             member.clone(),
             learner,
-            started,
+            call_started,
         );
-        match within(deadline, sender.send_request(upstream)).await {
+        let mut sender = stream.sender.clone();
+        let sent = within(deadline, sender.send_request(upstream)).await;
+        match sent {
             None => {
-                record.set_status(status::DEADLINE_EXCEEDED);
+                record.hold(stream.into_permit());
+                record.deadline_passed();
                 deadline_exceeded()
             }
-            Some(Ok(resp)) => Attempt::Answered(respond(resp, record, deadline)),
+            Some(Ok(response)) if refused_while_going_away(&response, &stream) => {
+                // C-core answers so the calls it had received but not yet
+                // handed to the application when it began to shut down.
+                let code = status::code_of(response.headers()).unwrap_or(status::UNAVAILABLE);
+                record.set_status(code);
+                Attempt::NotReached(upstream_error(format!(
+                    "the backend is going away and answered {} without processing the call",
+                    status::name(code)
+                )))
+            }
+            Some(Ok(response)) => {
+                record.hold(stream.into_permit());
+                record.answered();
+                Attempt::Answered(Answered {
+                    response,
+                    attempt: record,
+                    deadline,
+                })
+            }
             Some(Err(err)) => {
-                record.set_status(status::UNAVAILABLE);
-                let error = ProxyError::Upstream {
-                    service: service.name.to_string(),
-                    backend: member.backend.addr.to_string(),
-                    cause: err.to_string(),
-                };
-                if refused_before_processing(&err) {
-                    Attempt::NotReached(error)
-                } else {
-                    Attempt::Lost(error)
+                let error = upstream_error(crate::errors::chain(&err));
+                match not_processed(&err) {
+                    Some(Refusal::GoingAway) => {
+                        stream.connection_going_away();
+                        record.set_status(status::CANCELLED); // not the backend's fault
+                        Attempt::NotReached(error)
+                    }
+                    Some(Refusal::Refused) => {
+                        record.set_status(status::CANCELLED);
+                        Attempt::NotReached(error)
+                    }
+                    None => {
+                        record.set_status(status::UNAVAILABLE);
+                        Attempt::Lost(error)
+                    }
                 }
             }
         }
@@ -456,44 +511,80 @@ fn upstream_uri(addr: &str, original: &http::Uri) -> http::Uri {
         .unwrap_or_else(|_| original.clone())
 }
 
-/// True when the backend cannot have processed the request: it refused the
-/// stream, or the connection was going away before the stream opened.
-fn refused_before_processing(err: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    if err.is_canceled() {
-        return true; // the connection was not ready; nothing was sent
+/// A trailers-only CANCELLED or UNAVAILABLE on a connection the backend
+/// already sent GOAWAY on: the answer of a server that is shutting down to
+/// calls it had not started (gRPC C-core does so for calls not yet handed
+/// to the application). The GOAWAY's bytes precede these on the wire, so
+/// the connection is known to be going away by the time they are read.
+fn refused_while_going_away(
+    response: &Response<Incoming>,
+    stream: &crate::upstream::Stream,
+) -> bool {
+    response.status() == http::StatusCode::OK
+        && matches!(
+            status::code_of(response.headers()),
+            Some(status::CANCELLED | status::UNAVAILABLE)
+        )
+        && stream.is_going_away()
+}
+
+/// Why a backend cannot have processed a request it was sent.
+enum Refusal {
+    /// Its GOAWAY says the stream is above the last one it processed (or
+    /// the stream was opened after it): the connection takes no more.
+    GoingAway,
+    /// The stream was refused, or never left the gateway.
+    Refused,
+}
+
+/// `Some` when the backend cannot have processed the request (RFC 9113
+/// §8.7): a REFUSED_STREAM reset, a GOAWAY of any code for a stream above
+/// its last-stream-id (h2 fails exactly those, and new ones, with the
+/// GOAWAY's error; streams it did process end otherwise), or a request the
+/// connection never took.
+fn not_processed(err: &hyper::Error) -> Option<Refusal> {
+    if err.is_canceled() || err.is_closed() {
+        return Some(Refusal::Refused);
     }
-    let mut source = err.source();
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        source = e.source();
+    let h2 = h2_error(err)?;
+    if h2.is_go_away() && h2.is_remote() {
+        return Some(Refusal::GoingAway);
     }
-    false
+    (h2.reason() == Some(h2::Reason::REFUSED_STREAM) && h2.is_reset()).then_some(Refusal::Refused)
 }
 
 /// The backend's response on its way to the client.
 fn respond(
-    resp: Response<Incoming>,
-    mut record: CallRecord,
-    deadline: Option<Instant>,
+    answered: Answered,
+    mut call: CallRecord,
+    name_backends: bool,
 ) -> Response<ResponseBody> {
-    let (mut parts, body) = resp.into_parts();
+    let Answered {
+        response,
+        mut attempt,
+        deadline,
+    } = answered;
+    let (mut parts, body) = response.into_parts();
     if parts.status != http::StatusCode::OK {
         // Not a gRPC answer: say what it was, as gRPC.
         let code = status::from_http(parts.status);
-        record.set_status(code);
+        attempt.set_status(code);
+        call.set_status(code);
+        let who = if name_backends {
+            format!("backend {}", attempt.backend_addr())
+        } else {
+            "a backend".to_owned()
+        };
         let msg = format!(
-            "backend {} answered HTTP {}",
-            record.backend_addr(),
+            "{who} of {:?} answered HTTP {}",
+            attempt.service(),
             parts.status
         );
         return status::trailers_only(code, &msg);
     }
     if let Some(code) = status::code_of(&parts.headers) {
-        record.set_status(code); // trailers-only
+        attempt.set_status(code); // trailers-only
+        call.set_status(code);
     }
     parts.headers.remove("content-length");
     if !parts.headers.contains_key(http::header::CONTENT_TYPE) {
@@ -505,6 +596,75 @@ fn respond(
     let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
     Response::from_parts(
         parts,
-        ResponseBody::Upstream(Box::pin(Observed::new(body, deadline, record))),
+        ResponseBody::Upstream(Box::pin(Observed::new(
+            body,
+            deadline,
+            attempt,
+            call,
+            name_backends,
+        ))),
     )
+}
+
+/// `weir_calls_total` and `weir_attempts_total`, read at scrape time from
+/// the counts the data path keeps: a backend's series go when it does.
+#[derive(Debug)]
+pub struct CallCounts {
+    state: Arc<ProxyState>,
+    services: Arc<ServiceRuntimes>,
+}
+
+impl CallCounts {
+    pub fn new(proxy: &Proxy) -> Self {
+        CallCounts {
+            state: proxy.state.clone(),
+            services: proxy.services.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyState").finish_non_exhaustive()
+    }
+}
+
+impl Collector for CallCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let services = self.services.all();
+        let rows = |service: &str, backend: &str, counts: &CodeCounts| {
+            counts
+                .nonzero()
+                .map(|(code, n)| {
+                    let labels = CallLabels {
+                        service: service.to_owned(),
+                        backend: backend.to_owned(),
+                        code: status::name(code),
+                    };
+                    (labels, n)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut calls = rows("-", "-", &self.state.unrouted);
+        let mut attempts = Vec::new();
+        for service in &services {
+            calls.extend(rows(&service.name, "-", &service.unanswered));
+            for (addr, counts) in service.backend_counts() {
+                calls.extend(rows(&service.name, &addr, &counts.calls));
+                attempts.extend(rows(&service.name, &addr, &counts.attempts));
+            }
+        }
+        encode_counters(
+            &mut encoder,
+            "calls",
+            "gRPC calls by service, the backend of their last attempt (- when none answered) and status; each call counted once, when it ends",
+            calls,
+        )?;
+        encode_counters(
+            &mut encoder,
+            "attempts",
+            "attempts to send a call to a backend, by service, backend and status (CANCELLED: the client left, or the backend never saw it)",
+            attempts,
+        )
+    }
 }

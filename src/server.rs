@@ -21,8 +21,10 @@ use crate::metrics::{DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
 use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
-use crate::proxy::{Proxy, ProxyState, RetrySettings};
-use crate::upstream::{health, Backends, HealthCheckSettings, OutlierSettings, PoolConfig};
+use crate::proxy::{CallCounts, Proxy, ProxyState, RetrySettings};
+use crate::upstream::{
+    health, BackendStats, Backends, HealthCheckSettings, OutlierSettings, PoolConfig,
+};
 
 mod settings;
 
@@ -158,14 +160,24 @@ async fn start_data_path(
         proxy_metrics.clone(),
         backends.clone(),
         OutlierSettings::from(&config.outlier),
-        &RetrySettings::from(&config.retry),
+        config.upstream.name_backends_in_errors,
     ));
-    let services = Arc::new(ServiceRuntimes::new(table.clone(), proxy_metrics.clone()));
+    let services = Arc::new(ServiceRuntimes::new(
+        table.clone(),
+        proxy_metrics,
+        RetrySettings::from(&config.retry),
+    ));
     let policies = start_policies(config, policy_metrics, tasks, background).await?;
     let router = Router::new(&config.routes, &services, |route| {
         route_policy(&policies, route)
     });
     let proxy = Arc::new(Proxy::new(state, router, services));
+    let weir = registry.sub_registry_with_prefix("weir");
+    weir.register_collector(Box::new(CallCounts::new(&proxy)));
+    weir.register_collector(Box::new(BackendStats(backends.clone())));
+    registry
+        .sub_registry_with_prefix("weir_discovery")
+        .register_collector(Box::new(discovery::Staleness(table.clone())));
     tasks.spawn(keep_members_current(
         proxy.clone(),
         table.clone(),
@@ -175,7 +187,6 @@ async fn start_data_path(
         tasks.spawn(health::spawn_health_checks(
             backends,
             HealthCheckSettings::from(&config.health_check),
-            proxy_metrics,
             background.clone(),
         ));
     }
@@ -225,9 +236,9 @@ async fn keep_members_current(
 ) {
     let mut changes = table.subscribe();
     loop {
-        let shared = proxy.shared();
+        let backends = &proxy.state().backends;
         for service in proxy.services().all() {
-            service.members(&shared.backends, &shared.metrics);
+            service.members(backends);
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -272,7 +283,7 @@ async fn start_policies(
         let (watch, published) = discovery::policies::spawn_policy_watch(
             client,
             &config.etcd.prefix,
-            discovery::FollowSettings::default(),
+            EtcdConfig::from(config).follow,
             background.clone(),
         );
         tasks.spawn(watch);

@@ -12,13 +12,18 @@ mod pool;
 mod replay;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::metrics::{encode_counters, encode_gauges, BackendLabel, HealthLabels};
 
 pub use health::HealthCheckSettings;
 pub use load::Load;
-pub use outlier::{Outlier, OutlierSettings};
-pub use pool::{Pool, PoolConfig};
+pub use outlier::{Outlier, OutlierSettings, OutlierVerdict};
+pub use pool::{h2_error, Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit};
 pub use replay::{BoxError, ReplayBody};
 
 /// What active health checks last concluded.
@@ -44,27 +49,33 @@ impl CheckedHealth {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: Arc<str>,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub load: Load,
     pub outlier: Outlier,
     health: AtomicU8,
     streak: Mutex<(u32, u32)>,
     check_running: AtomicBool,
-    health_channel: OnceLock<tonic::transport::Channel>,
+    /// Health-check results by kind (unknown, serving, not serving).
+    checks: [AtomicU64; 3],
 }
 
 impl Backend {
     fn new(addr: Arc<str>, pool: PoolConfig) -> Self {
         Backend {
-            pool: Pool::new(addr.clone(), pool),
+            pool: Arc::new(Pool::new(addr.clone(), pool)),
             addr,
             load: Load::default(),
             outlier: Outlier::default(),
             health: AtomicU8::new(CheckedHealth::Unknown as u8),
             streak: Mutex::new((0, 0)),
             check_running: AtomicBool::new(false),
-            health_channel: OnceLock::new(),
+            checks: Default::default(),
         }
+    }
+
+    /// Health checks that concluded `result`, since the backend appeared.
+    pub fn checks(&self, result: CheckedHealth) -> u64 {
+        self.checks[result as usize].load(Ordering::Relaxed)
     }
 
     pub fn health(&self) -> CheckedHealth {
@@ -83,6 +94,7 @@ impl Backend {
         healthy_after: u32,
         unhealthy_after: u32,
     ) -> Option<CheckedHealth> {
+        self.checks[result as usize].fetch_add(1, Ordering::Relaxed);
         let mut streak = self.streak.lock().expect("health streak poisoned");
         let current = self.health();
         let next = match result {
@@ -156,5 +168,105 @@ impl Backends {
         let mut map = self.map.lock().expect("backends poisoned");
         map.retain(|_, w| w.strong_count() > 0);
         map.values().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// The per-backend series (`weir_health_checks_total`, `weir_ejections_total`,
+/// `weir_upstream_*`), read at scrape time from the live backends: a
+/// backend that leaves takes its series with it.
+#[derive(Debug)]
+pub struct BackendStats(pub Arc<Backends>);
+
+impl Collector for BackendStats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut live = self.0.live();
+        live.sort_by(|a, b| a.addr.cmp(&b.addr));
+        let label = |b: &Backend| BackendLabel {
+            backend: b.addr.to_string(),
+        };
+        let checks = live.iter().flat_map(|b| {
+            [
+                CheckedHealth::Serving,
+                CheckedHealth::NotServing,
+                CheckedHealth::Unknown,
+            ]
+            .into_iter()
+            .filter(|r| b.checks(*r) > 0)
+            .map(|r| {
+                let labels = HealthLabels {
+                    backend: b.addr.to_string(),
+                    result: r.as_str(),
+                };
+                (labels, b.checks(r))
+            })
+        });
+        encode_counters(
+            &mut encoder,
+            "health_checks",
+            "active health-check results",
+            checks,
+        )?;
+        encode_counters(
+            &mut encoder,
+            "ejections",
+            "times a backend was ejected after consecutive failures",
+            live.iter().map(|b| (label(b), b.outlier.ejections())),
+        )?;
+        let views: Vec<(BackendLabel, PoolView)> =
+            live.iter().map(|b| (label(b), b.pool.view())).collect();
+        let gauge = |f: fn(&PoolView) -> i64| {
+            views
+                .iter()
+                .map(move |(l, v)| (l.clone(), f(v)))
+                .collect::<Vec<_>>()
+        };
+        let counter = |f: fn(&PoolView) -> u64| {
+            views
+                .iter()
+                .map(move |(l, v)| (l.clone(), f(v)))
+                .collect::<Vec<_>>()
+        };
+        encode_gauges(
+            &mut encoder,
+            "upstream_connections",
+            "open HTTP/2 connections to a backend",
+            gauge(|v| v.connections as i64),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "upstream_streams",
+            "streams open to a backend (calls and health checks)",
+            gauge(|v| i64::from(v.streams)),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "upstream_queued",
+            "calls waiting for a free stream to a backend",
+            gauge(|v| v.queued as i64),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "upstream_queue_timeouts",
+            "calls that found no free stream to a backend in time (sent elsewhere or failed)",
+            counter(|v| v.queue_timeouts),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "upstream_goaways",
+            "connections a backend ended with GOAWAY",
+            counter(|v| v.goaways),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "upstream_ping_backoffs",
+            "times a backend's GOAWAY ENHANCE_YOUR_CALM doubled its keep-alive interval",
+            counter(|v| v.ping_backoffs),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "backend_active_requests",
+            "calls in flight on a backend",
+            live.iter().map(|b| (label(b), i64::from(b.load.active()))),
+        )
     }
 }

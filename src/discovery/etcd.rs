@@ -23,11 +23,14 @@ const LIST_PAGE: i64 = 1000;
 /// A client for `endpoints`. Connection is lazy: this succeeds while etcd is down.
 ///
 /// HTTP/2 pings go every 10 s: etcd cuts streams of clients that ping more
-/// often than its `--grpc-keepalive-min-time` (5 s by default).
+/// often than its `--grpc-keepalive-min-time` (5 s by default). Every
+/// request requires a leader: a member cut off from its quorum refuses
+/// (and cancels its watches) rather than serve a view frozen in the past.
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     let options = etcd_client::ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
+        .with_require_leader(true)
         .with_connect_timeout(Duration::from_secs(3));
     Client::connect(endpoints, Some(options)).await
 }
@@ -148,6 +151,8 @@ pub trait Follower: Send + Sync {
     fn forget_position(&self);
     /// The watch was established (`true`) or its session ended (`false`).
     fn watching(&self, _established: bool) {}
+    /// etcd answered on the watch (an event, a progress notification).
+    fn heard(&self) {}
 }
 
 /// How a follower's sessions are run.
@@ -157,6 +162,10 @@ pub struct FollowSettings {
     pub request_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How often the watch asks etcd to confirm its progress. A watch that
+    /// heard nothing since the last ask (the member froze, or lost its
+    /// network) is given up and resumed, on another member if need be.
+    pub progress_interval: Duration,
 }
 
 impl Default for FollowSettings {
@@ -165,6 +174,7 @@ impl Default for FollowSettings {
             request_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(5),
         }
     }
 }
@@ -182,6 +192,10 @@ pub enum WatchError {
     Closed,
     #[error("etcd response without a header")]
     NoHeader,
+    #[error(
+        "the watch heard nothing for {0:?}, though asked for progress: etcd member unresponsive"
+    )]
+    Silent(Duration),
 }
 
 impl From<etcd_client::Error> for WatchError {
@@ -242,14 +256,15 @@ async fn session<F: Follower>(
         .with_prefix()
         .with_start_revision(start)
         .with_progress_notify();
-    let mut stream = bounded(
+    let stream = bounded(
         settings.request_timeout,
         client.watch(prefix, Some(options)),
     )
     .await?;
     follower.watching(true);
+    follower.heard();
     backoff.reset();
-    watch_events(&mut stream, start, follower).await
+    watch_events(stream, start, settings.progress_interval, follower).await
 }
 
 /// The revision to watch from: right after the follower's position when
@@ -307,16 +322,39 @@ async fn probe(
     })
 }
 
-/// Hands each batch of events to the follower until the stream fails.
+/// Hands each batch of events to the follower until the stream fails, and
+/// asks for progress every `progress_interval`: when nothing at all came
+/// back since the last ask, the member is taken as gone silent.
 async fn watch_events<F: Follower>(
-    stream: &mut etcd_client::WatchStream,
+    stream: etcd_client::WatchStream,
     start: i64,
+    progress_interval: Duration,
     follower: &F,
 ) -> Result<Never, WatchError> {
+    let (mut requests, mut responses) = stream.split();
+    let mut ask = tokio::time::interval(progress_interval);
+    ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ask.tick().await; // the first tick is immediate
+    let mut heard_since_ask = true;
+    let mut asked_at = tokio::time::Instant::now();
     loop {
-        let Some(resp) = stream.message().await? else {
+        let message = tokio::select! {
+            message = responses.message() => message,
+            _ = ask.tick() => {
+                if !heard_since_ask {
+                    return Err(WatchError::Silent(asked_at.elapsed()));
+                }
+                heard_since_ask = false;
+                asked_at = tokio::time::Instant::now();
+                requests.request_progress().await?;
+                continue;
+            }
+        };
+        let Some(resp) = message? else {
             return Err(WatchError::Closed);
         };
+        heard_since_ask = true;
+        follower.heard();
         if resp.canceled() {
             if resp.compact_revision() > 0 {
                 return Err(WatchError::Compacted {
@@ -332,9 +370,12 @@ async fn watch_events<F: Follower>(
         let cluster_id = header.cluster_id();
         let events = resp.events();
         if events.is_empty() {
-            // Creation ack or progress notification: every event up to the
-            // header revision has been delivered.
-            if !resp.created() {
+            // Creation ack, or a progress notification of this watch: every
+            // event up to the header revision has been delivered. An answer
+            // to our progress request (watch id -1) proves the member alive
+            // but, on etcd before 3.5.8, not that this watch caught up: it
+            // does not move the position.
+            if !resp.created() && resp.watch_id() != -1 {
                 follower.advance_to(Position {
                     cluster_id,
                     revision: header.revision(),

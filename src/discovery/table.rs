@@ -7,7 +7,7 @@
 //! and keeps the `Arc` of every endpoint whose registration did not change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -18,6 +18,16 @@ use super::etcd::{Kv, KvChange, Position};
 use super::key_format::{classify_key, parse_value, KeyKind, Registration, ValueError};
 use super::lease::LeaseTable;
 use crate::metrics::{DiscoveryMetrics, KindLabel, ReasonLabel};
+
+/// Milliseconds on tokio's clock since the first call, from 1.
+fn clock_ms() -> i64 {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(tokio::time::Instant::now);
+    tokio::time::Instant::now()
+        .saturating_duration_since(origin)
+        .as_millis() as i64
+        + 1
+}
 
 /// The slot of one service. Routes keep the `Arc` and load from it per call;
 /// a slot is never removed, so a service that comes back is seen by them.
@@ -49,6 +59,8 @@ pub struct ServiceTable {
     writer: Mutex<()>,
     generation: AtomicU64,
     ready: AtomicBool,
+    /// When etcd last said anything on the watch (tokio clock, ms; 0: never).
+    heard_at_ms: AtomicI64,
     changes: watch::Sender<u64>,
     leases: Arc<LeaseTable>,
     metrics: DiscoveryMetrics,
@@ -71,6 +83,7 @@ impl ServiceTable {
             writer: Mutex::new(()),
             generation: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            heard_at_ms: AtomicI64::new(0),
             changes: watch::channel(0).0,
             leases: Arc::new(LeaseTable::default()),
             metrics,
@@ -116,6 +129,19 @@ impl ServiceTable {
     /// True once a full listing or a snapshot has been loaded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// etcd said something on the watch just now.
+    pub fn heard(&self) {
+        self.heard_at_ms.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since etcd last said anything on the watch (an event, a
+    /// progress notification, an answer to a progress request); `None`
+    /// before it ever did. The sets are as old as this, or older.
+    pub fn since_heard(&self) -> Option<std::time::Duration> {
+        let at = self.heard_at_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| std::time::Duration::from_millis((clock_ms() - at).max(0) as u64))
     }
 
     pub fn position(&self) -> Option<Position> {

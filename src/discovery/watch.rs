@@ -44,6 +44,10 @@ impl Follower for ServiceTable {
         ServiceTable::forget_position(self);
     }
 
+    fn heard(&self) {
+        ServiceTable::heard(self);
+    }
+
     fn watching(&self, established: bool) {
         let metrics = self.metrics();
         metrics.etcd_connected.set(i64::from(established));

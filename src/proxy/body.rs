@@ -11,31 +11,56 @@ use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::call::CallRecord;
+use super::call::{AttemptRecord, CallRecord};
 use super::status;
 use crate::upstream::BoxError;
 
 pin_project_lite::pin_project! {
-    /// A backend's response body on its way to the client: records the call's
-    /// outcome, ends the call with DEADLINE_EXCEEDED when its deadline passes,
-    /// and turns an upstream reset into UNAVAILABLE trailers.
+    /// A backend's response body on its way to the client: records the
+    /// outcome of the attempt and of the call, ends the call with
+    /// DEADLINE_EXCEEDED when its deadline passes, and turns an upstream
+    /// reset into UNAVAILABLE trailers.
     pub struct Observed {
         #[pin]
         inner: Incoming,
         deadline: Option<Pin<Box<Sleep>>>,
-        record: CallRecord,
+        attempt: AttemptRecord,
+        call: CallRecord,
+        // Client-facing messages may name the backend.
+        name_backends: bool,
         done: bool,
     }
 }
 
 impl Observed {
-    pub fn new(inner: Incoming, deadline: Option<Pin<Box<Sleep>>>, record: CallRecord) -> Self {
+    pub fn new(
+        inner: Incoming,
+        deadline: Option<Pin<Box<Sleep>>>,
+        attempt: AttemptRecord,
+        call: CallRecord,
+        name_backends: bool,
+    ) -> Self {
         Observed {
             inner,
             deadline,
-            record,
+            attempt,
+            call,
+            name_backends,
             done: false,
         }
+    }
+}
+
+/// "a backend of `service`", or "backend ADDR of `service`" when allowed.
+fn which_backend(attempt: &AttemptRecord, name_backends: bool) -> String {
+    if name_backends {
+        format!(
+            "backend {} of {:?}",
+            attempt.backend_addr(),
+            attempt.service()
+        )
+    } else {
+        format!("a backend of {:?}", attempt.service())
     }
 }
 
@@ -54,10 +79,11 @@ impl Body for Observed {
         if let Some(deadline) = this.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
                 *this.done = true;
-                this.record.set_status(status::DEADLINE_EXCEEDED);
+                this.attempt.deadline_passed();
+                this.call.set_status(status::DEADLINE_EXCEEDED);
                 let msg = format!(
                     "deadline exceeded at the gateway while {} streamed the response",
-                    this.record.backend_addr()
+                    which_backend(this.attempt, *this.name_backends)
                 );
                 return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
                     status::DEADLINE_EXCEEDED,
@@ -70,23 +96,28 @@ impl Body for Observed {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(t) = frame.trailers_ref() {
                     let code = status::code_of(t).unwrap_or(status::UNKNOWN);
-                    this.record.set_status(code);
+                    this.attempt.set_status(code);
+                    this.call.set_status(code);
                     *this.done = true;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
+                // Neither trailers nor a status in the headers: the backend
+                // broke the protocol (a status in the headers was set already).
                 *this.done = true;
-                this.record.finish_without_trailers();
+                this.attempt.set_status(status::INTERNAL);
+                this.call.set_status(status::INTERNAL);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
                 *this.done = true;
-                this.record.set_status(status::UNAVAILABLE);
+                this.attempt.set_status(status::UNAVAILABLE);
+                this.call.set_status(status::UNAVAILABLE);
+                tracing::debug!(backend = %this.attempt.backend_addr(), service = %this.attempt.service(), cause = %crate::errors::chain(&err), "backend failed mid-call");
                 let msg = format!(
-                    "backend {} of {} failed mid-call: {err}",
-                    this.record.backend_addr(),
-                    this.record.service()
+                    "{} failed mid-call",
+                    which_backend(this.attempt, *this.name_backends)
                 );
                 Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
                     status::UNAVAILABLE,

@@ -1,5 +1,8 @@
-//! The record of one call on one backend: load, outcome metrics, and outlier
-//! detection, settled when the response ends or the client goes away.
+//! What a call leaves behind. [`CallRecord`]: one per call, settled when the
+//! call ends however it ends (a backend's answer, the gateway's own, the
+//! client leaving): the calls count and the duration histogram. An
+//! [`AttemptRecord`]: one per attempt on one backend: its load, the
+//! attempts count, outlier detection and what a learning policy hears.
 
 use std::sync::Arc;
 
@@ -10,14 +13,70 @@ use super::status;
 use super::ProxyState;
 use crate::balance::{Balancer, Outcome};
 use crate::members::Member;
+use crate::upstream::StreamPermit;
 
+/// One call, from its arrival at the gateway to its end.
 pub struct CallRecord {
-    shared: Arc<ProxyState>,
-    service: Arc<ServiceRuntime>,
-    member: Arc<Member>,
-    learner: Option<Learner>,
+    state: Arc<ProxyState>,
     started: Instant,
+    /// Known once routed.
+    service: Option<Arc<ServiceRuntime>>,
+    /// The member the last attempt went to.
+    member: Option<Arc<Member>>,
     status: Option<u32>,
+}
+
+impl CallRecord {
+    pub fn start(state: Arc<ProxyState>, started: Instant) -> Self {
+        state.metrics.active_calls.inc();
+        CallRecord {
+            state,
+            started,
+            service: None,
+            member: None,
+            status: None,
+        }
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn routed(&mut self, service: &Arc<ServiceRuntime>) {
+        self.service = Some(service.clone());
+    }
+
+    pub fn attempting(&mut self, member: &Arc<Member>) {
+        self.member = Some(member.clone());
+    }
+
+    /// The call's gRPC status (the first one set wins).
+    pub fn set_status(&mut self, code: u32) {
+        self.status.get_or_insert(code);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // No status: the client went away first.
+        let code = self.status.unwrap_or(status::CANCELLED);
+        self.state.metrics.active_calls.dec();
+        let latency = self.started.elapsed().as_secs_f64();
+        match (&self.service, &self.member) {
+            (Some(service), Some(member)) => {
+                member.counts.calls.inc(code);
+                service.latency.observe(latency);
+            }
+            (Some(service), None) => {
+                service.unanswered.inc(code);
+                service.latency.observe(latency);
+            }
+            (None, _) => {
+                self.state.unrouted.inc(code);
+                self.state.unrouted_latency.observe(latency);
+            }
+        }
+    }
 }
 
 /// The policy that placed a call and wants to learn how it ended.
@@ -29,62 +88,97 @@ pub struct Learner {
     pub set_index: u32,
 }
 
-impl CallRecord {
+/// One attempt of a call on one backend.
+pub struct AttemptRecord {
+    state: Arc<ProxyState>,
+    service: Arc<ServiceRuntime>,
+    member: Arc<Member>,
+    learner: Option<Learner>,
+    /// When the call (not this attempt) arrived: what a learning policy hears.
+    call_started: Instant,
+    started: Instant,
+    status: Option<u32>,
+    /// The status is the gateway's verdict on the backend (its deadline
+    /// passed while the backend said nothing), not the backend's word.
+    gateway_deadline: bool,
+    /// The stream it holds in the backend's pool, until the response ends.
+    permit: Option<StreamPermit>,
+}
+
+impl AttemptRecord {
     pub fn start(
-        shared: Arc<ProxyState>,
+        state: Arc<ProxyState>,
         service: Arc<ServiceRuntime>,
         member: Arc<Member>,
         learner: Option<Learner>,
-        started: Instant,
+        call_started: Instant,
     ) -> Self {
         member.backend.load.start();
-        shared.metrics.active_calls.inc();
-        CallRecord {
-            shared,
+        AttemptRecord {
+            state,
             service,
             member,
             learner,
-            started,
+            call_started,
+            started: Instant::now(),
             status: None,
+            gateway_deadline: false,
+            permit: None,
         }
     }
 
-    pub fn backend_addr(&self) -> &str {
-        &self.member.backend.addr
+    pub fn hold(&mut self, permit: StreamPermit) {
+        self.permit = Some(permit);
     }
 
     pub fn service(&self) -> &str {
         &self.service.name
     }
 
-    /// The call's gRPC status (the first one set wins).
+    pub fn backend_addr(&self) -> &str {
+        &self.member.backend.addr
+    }
+
+    /// The backend's response headers arrived: the latency its policies read.
+    pub fn answered(&self) {
+        self.member
+            .backend
+            .load
+            .observe_latency(self.started.elapsed());
+    }
+
+    /// The attempt's gRPC status (the first one set wins).
     pub fn set_status(&mut self, code: u32) {
         self.status.get_or_insert(code);
     }
 
-    /// The response ended without trailers: if no status came in the headers
-    /// either, the backend broke the protocol.
-    pub fn finish_without_trailers(&mut self) {
-        self.status.get_or_insert(status::INTERNAL);
+    /// The call's deadline passed while this backend had not finished.
+    pub fn deadline_passed(&mut self) {
+        if self.status.is_none() {
+            self.status = Some(status::DEADLINE_EXCEEDED);
+            self.gateway_deadline = true;
+        }
     }
 }
 
-impl Drop for CallRecord {
+impl Drop for AttemptRecord {
     fn drop(&mut self) {
         // No status: the client went away first.
         let code = self.status.unwrap_or(status::CANCELLED);
-        let latency = self.started.elapsed();
         let backend = &self.member.backend;
-        backend.load.finish(latency, code == status::OK);
-        self.shared.metrics.active_calls.dec();
-        self.member.count_call(code);
-        self.service.latency.observe(latency.as_secs_f64());
+        backend.load.finish(code == status::OK);
+        self.member.counts.attempts.inc(code);
         match code {
-            status::UNAVAILABLE => self.shared.backend_failed(&self.service, &self.member),
+            status::UNAVAILABLE => self.state.backend_failed(&self.service, &self.member),
+            status::DEADLINE_EXCEEDED if self.gateway_deadline => {
+                // Accepted, then said nothing in time: as telling as a reset.
+                self.state.backend_failed(&self.service, &self.member)
+            }
             status::CANCELLED => {}
             _ => backend.outlier.record_success(),
         }
         if let Some(learner) = self.learner.take() {
+            let latency = self.call_started.elapsed();
             learner.balancer.observe(&Outcome {
                 generation: learner.generation,
                 set_index: learner.set_index,

@@ -1,20 +1,22 @@
 //! The data path's view of each service: its endpoints joined with their
-//! backends, rebuilt only when the endpoint set changes (never per call).
+//! backends, rebuilt only when the endpoint set changes (never per call),
+//! and what the service keeps across calls: its fallback round-robin, its
+//! retry budget, its counts and metric handles.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+use tower::retry::budget::TpsBudget;
 
+use super::RetrySettings;
 use crate::balance::RoundRobin;
 use crate::discovery::{EndpointSet, ServiceSlot, ServiceTable};
-use crate::members::{Member, Members};
-use crate::metrics::{CallLabels, ProxyMetrics, ServiceLabel};
+use crate::members::{CodeCounts, Member, MemberCounts, Members};
+use crate::metrics::{ProxyMetrics, ServiceLabel};
 use crate::upstream::Backends;
-
-use super::status::NAMES;
 
 /// Everything the data path keeps per service.
 pub struct ServiceRuntime {
@@ -24,14 +26,22 @@ pub struct ServiceRuntime {
     /// The built-in round-robin: the policy of unrouted calls, and the
     /// fallback when a policy fails.
     pub fallback: RoundRobin,
+    /// Retries this service may make: a failing service spends its own
+    /// budget, never a healthy one's.
+    pub retry_budget: TpsBudget,
+    /// Calls the gateway answered without a backend's answer, by code.
+    pub unanswered: CodeCounts,
+    /// Counts per backend address, shared by that backend's members.
+    counts: Mutex<HashMap<Arc<str>, Weak<MemberCounts>>>,
     pub latency: Histogram,
     pub panic_mode: Counter,
     pub retries: Counter,
+    pub retries_budget_exhausted: Counter,
 }
 
 impl ServiceRuntime {
     /// The current members; rebuilt here when the endpoint set has changed.
-    pub fn members(&self, backends: &Backends, metrics: &ProxyMetrics) -> Arc<Members> {
+    pub fn members(&self, backends: &Backends) -> Arc<Members> {
         let set = self.slot.load();
         let current = self.members.load_full();
         if Arc::ptr_eq(current.set(), &set) {
@@ -39,33 +49,42 @@ impl ServiceRuntime {
         }
         let old: HashMap<&str, &Arc<Member>> =
             current.list.iter().map(|m| (&*m.endpoint.key, m)).collect();
+        let mut counts = self.counts.lock().expect("service counts poisoned");
         let list = set
             .endpoints
             .iter()
             .map(|e| match old.get(&*e.key) {
                 Some(m) if Arc::ptr_eq(&m.endpoint, e) => Arc::clone(m),
                 _ => {
-                    let backend = backends.get(&e.addr);
-                    let calls = NAMES
-                        .iter()
-                        .map(|code| {
-                            metrics
-                                .calls
-                                .get_or_create(&CallLabels {
-                                    service: self.name.to_string(),
-                                    backend: e.addr.to_string(),
-                                    code,
-                                })
-                                .clone()
-                        })
-                        .collect();
-                    Arc::new(Member::new(e.clone(), backend, calls))
+                    if let Some(lease) = &e.lease {
+                        lease.mark_in_use();
+                    }
+                    let shared = match counts.get(&e.addr).and_then(Weak::upgrade) {
+                        Some(c) => c,
+                        None => {
+                            let c = Arc::new(MemberCounts::default());
+                            counts.insert(e.addr.clone(), Arc::downgrade(&c));
+                            c
+                        }
+                    };
+                    Arc::new(Member::new(e.clone(), backends.get(&e.addr), shared))
                 }
             })
             .collect();
+        counts.retain(|_, c| c.strong_count() > 0);
+        drop(counts);
         let fresh = Arc::new(Members::new(set, list));
         self.members.store(fresh.clone());
         fresh
+    }
+
+    /// The counts of every backend some member still refers to.
+    pub fn backend_counts(&self) -> Vec<(Arc<str>, Arc<MemberCounts>)> {
+        let counts = self.counts.lock().expect("service counts poisoned");
+        counts
+            .iter()
+            .filter_map(|(addr, c)| Some((addr.clone(), c.upgrade()?)))
+            .collect()
     }
 }
 
@@ -77,15 +96,25 @@ pub struct ServiceRuntimes {
     map: ArcSwap<HashMap<Arc<str>, Arc<ServiceRuntime>>>,
     writer: Mutex<()>,
     metrics: ProxyMetrics,
+    retry: RetrySettings,
+}
+
+impl std::fmt::Debug for ServiceRuntimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceRuntimes")
+            .field("services", &self.map.load().len())
+            .finish()
+    }
 }
 
 impl ServiceRuntimes {
-    pub fn new(table: Arc<ServiceTable>, metrics: ProxyMetrics) -> Self {
+    pub fn new(table: Arc<ServiceTable>, metrics: ProxyMetrics, retry: RetrySettings) -> Self {
         ServiceRuntimes {
             table,
             map: ArcSwap::from_pointee(HashMap::new()),
             writer: Mutex::new(()),
             metrics,
+            retry,
         }
     }
 
@@ -127,9 +156,17 @@ impl ServiceRuntimes {
             )),
             slot,
             fallback: RoundRobin::default(),
+            retry_budget: self.retry.budget(),
+            unanswered: CodeCounts::default(),
+            counts: Mutex::new(HashMap::new()),
             latency: self.metrics.call_duration.get_or_create(&label).clone(),
             panic_mode: self.metrics.panic_mode.get_or_create(&label).clone(),
             retries: self.metrics.retries.get_or_create(&label).clone(),
+            retries_budget_exhausted: self
+                .metrics
+                .retries_budget_exhausted
+                .get_or_create(&label)
+                .clone(),
         });
         let mut map = HashMap::clone(&self.map.load());
         map.insert(rt.name.clone(), rt.clone());

@@ -10,6 +10,7 @@ pub const CANCELLED: u32 = 1;
 pub const UNKNOWN: u32 = 2;
 pub const INVALID_ARGUMENT: u32 = 3;
 pub const DEADLINE_EXCEEDED: u32 = 4;
+pub const RESOURCE_EXHAUSTED: u32 = 8;
 pub const INTERNAL: u32 = 13;
 pub const UNIMPLEMENTED: u32 = 12;
 pub const UNAVAILABLE: u32 = 14;
@@ -129,8 +130,22 @@ impl ProxyError {
         }
     }
 
-    pub fn into_response(self) -> Response<ResponseBody> {
-        trailers_only(self.code(), &self.to_string())
+    /// What the client is told. Backend addresses (and the causes that
+    /// name them) stay in the gateway's logs unless `name_backends`.
+    pub fn client_message(&self, name_backends: bool) -> String {
+        match self {
+            ProxyError::Unreachable { service, .. } if !name_backends => {
+                format!("service {service:?}: no endpoint could be reached")
+            }
+            ProxyError::Upstream { service, .. } if !name_backends => {
+                format!("service {service:?}: a backend failed before answering")
+            }
+            _ => self.to_string(),
+        }
+    }
+
+    pub fn into_response(self, name_backends: bool) -> Response<ResponseBody> {
+        trailers_only(self.code(), &self.client_message(name_backends))
     }
 }
 
@@ -148,7 +163,7 @@ mod tests {
         let r = ProxyError::NoEndpoints {
             service: "echo".into(),
         }
-        .into_response();
+        .into_response(false);
         assert_eq!(r.status(), 200);
         assert_eq!(code_of(r.headers()), Some(UNAVAILABLE));
         assert_eq!(r.headers()["content-type"], "application/grpc");
@@ -156,6 +171,23 @@ mod tests {
             .to_str()
             .unwrap()
             .contains("echo"));
+    }
+
+    #[test]
+    fn clients_hear_the_service_and_not_backend_addresses_unless_allowed() {
+        let err = ProxyError::Upstream {
+            service: "echo".into(),
+            backend: "10.1.2.3:50051".into(),
+            cause: "connection reset".into(),
+        };
+        assert!(!err.client_message(false).contains("10.1.2.3"));
+        assert!(err.client_message(false).contains("echo"));
+        assert!(err.client_message(true).contains("10.1.2.3"));
+        let err = ProxyError::Unreachable {
+            service: "echo".into(),
+            cause: "connect to 10.1.2.3:50051 failed".into(),
+        };
+        assert!(!err.client_message(false).contains("10.1.2.3"));
     }
 
     #[test]

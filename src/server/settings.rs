@@ -14,6 +14,7 @@ impl From<&Config> for EtcdConfig {
     fn from(config: &Config) -> Self {
         let mut etcd = EtcdConfig::new(config.etcd.endpoints.clone(), config.etcd.prefix.clone());
         etcd.snapshot = config.etcd.snapshot.clone();
+        etcd.follow.progress_interval = config.etcd.progress_interval;
         etcd.lease_poll = LeasePollConfig {
             polls_per_second: config.etcd.lease_polls_per_second,
             ..LeasePollConfig::default()
@@ -26,8 +27,13 @@ impl From<&UpstreamSection> for PoolConfig {
     fn from(section: &UpstreamSection) -> Self {
         PoolConfig {
             connections: section.connections_per_backend,
+            max_connections: section.max_connections_per_backend,
+            max_streams_per_connection: section.max_streams_per_connection,
+            max_queued: section.max_queued_per_backend,
+            queue_timeout: section.queue_timeout,
             connect_timeout: section.connect_timeout,
-            keepalive_interval: section.keepalive_interval,
+            keepalive_interval: (!section.keepalive_interval.is_zero())
+                .then_some(section.keepalive_interval),
             keepalive_timeout: section.keepalive_timeout,
         }
     }
@@ -88,6 +94,13 @@ mod tests {
         let pool = PoolConfig::from(&config.upstream);
         let default_pool = PoolConfig::default();
         assert_eq!(pool.connections, default_pool.connections);
+        assert_eq!(pool.max_connections, default_pool.max_connections);
+        assert_eq!(
+            pool.max_streams_per_connection,
+            default_pool.max_streams_per_connection
+        );
+        assert_eq!(pool.max_queued, default_pool.max_queued);
+        assert_eq!(pool.queue_timeout, default_pool.queue_timeout);
         assert_eq!(pool.connect_timeout, default_pool.connect_timeout);
         assert_eq!(pool.keepalive_interval, default_pool.keepalive_interval);
         assert_eq!(pool.keepalive_timeout, default_pool.keepalive_timeout);

@@ -9,13 +9,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::BodyExt;
+use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::{Backend, Backends, CheckedHealth};
-use crate::metrics::ProxyMetrics;
+use super::{Backend, Backends, CheckedHealth, PoolError, ReplayBody};
 
 /// How backends are probed, and how many answers in a row move them.
 #[derive(Clone, Debug)]
@@ -44,13 +45,15 @@ impl Default for HealthCheckSettings {
 
 pub fn spawn_health_checks(
     backends: Arc<Backends>,
-    config: HealthCheckSettings,
-    metrics: ProxyMetrics,
+    settings: HealthCheckSettings,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(config.interval);
+        let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let request = Bytes::from(grpc_frame(&HealthCheckRequest {
+            service: settings.service.clone(),
+        }));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -60,15 +63,15 @@ pub fn spawn_health_checks(
                 if backend.check_running.swap(true, Ordering::AcqRel) {
                     continue;
                 }
-                let (config, metrics) = (config.clone(), metrics.clone());
+                let (settings, request) = (settings.clone(), request.clone());
                 tokio::spawn(async move {
-                    let result = probe(&backend, &config).await;
+                    let result = probe(&backend, &settings, request).await;
                     backend.check_running.store(false, Ordering::Release);
-                    metrics.health_check(&backend.addr, result.as_str());
+                    let Some(result) = result else { return };
                     if let Some(now) = backend.record_check(
                         result,
-                        config.healthy_threshold,
-                        config.unhealthy_threshold,
+                        settings.healthy_threshold,
+                        settings.unhealthy_threshold,
                     ) {
                         tracing::info!(backend = %backend.addr, health = now.as_str(), "backend health changed");
                     }
@@ -78,36 +81,91 @@ pub fn spawn_health_checks(
     })
 }
 
-async fn probe(backend: &Backend, config: &HealthCheckSettings) -> CheckedHealth {
-    let channel = match backend.health_channel.get() {
-        Some(channel) => channel.clone(),
-        None => {
-            // Discovery only lets host:port addresses through; should one
-            // still not make a URI, the backend cannot be reached either.
-            let endpoint = match tonic::transport::Endpoint::from_shared(format!(
-                "http://{}",
-                backend.addr
-            )) {
-                Ok(endpoint) => endpoint,
-                Err(err) => {
-                    tracing::warn!(backend = %backend.addr, cause = %err, "backend address is not a URI authority; not serving");
-                    return CheckedHealth::NotServing;
-                }
-            };
-            let channel = endpoint.connect_timeout(config.timeout).connect_lazy();
-            backend.health_channel.get_or_init(|| channel).clone()
-        }
-    };
-    let request = HealthCheckRequest {
-        service: config.service.clone(),
-    };
-    match tokio::time::timeout(config.timeout, HealthClient::new(channel).check(request)).await {
-        Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32 => {
-            CheckedHealth::Serving
-        }
-        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => CheckedHealth::Unknown,
-        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => CheckedHealth::NotServing,
+/// One `grpc.health.v1.Health/Check` on the backend's own pool (the same
+/// connections, settings and limits as its calls). `None`: no verdict,
+/// because the backend is at capacity (that is not ill health).
+async fn probe(
+    backend: &Backend,
+    settings: &HealthCheckSettings,
+    request: Bytes,
+) -> Option<CheckedHealth> {
+    let checked = tokio::time::timeout(settings.timeout, async {
+        let stream = match backend.pool.stream().await {
+            Ok(stream) => stream,
+            Err(PoolError::Connect(err)) => {
+                tracing::debug!(backend = %backend.addr, cause = %err, "health check: cannot connect");
+                return Some(CheckedHealth::NotServing);
+            }
+            Err(busy) => {
+                tracing::debug!(backend = %backend.addr, cause = %busy, "health check skipped");
+                return None;
+            }
+        };
+        let Ok(uri) = http::Uri::try_from(format!("http://{}{CHECK_PATH}", backend.addr)) else {
+            tracing::warn!(backend = %backend.addr, "backend address is not a URI authority; not serving");
+            return Some(CheckedHealth::NotServing);
+        };
+        let mut req = http::Request::new(ReplayBody::fixed(request));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        let mut sender = stream.sender.clone();
+        let _permit = stream.into_permit();
+        let resp = match sender.send_request(req).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                tracing::debug!(backend = %backend.addr, cause = %crate::errors::chain(&err), "health check failed");
+                return Some(CheckedHealth::NotServing);
+            }
+        };
+        Some(verdict(resp).await)
+    })
+    .await;
+    checked.unwrap_or(Some(CheckedHealth::NotServing))
+}
+
+const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+const SERVING: i32 = 1;
+
+/// What a health-check response says.
+async fn verdict(resp: http::Response<hyper::body::Incoming>) -> CheckedHealth {
+    if resp.status() != http::StatusCode::OK {
+        return CheckedHealth::NotServing;
     }
+    let trailers_only = grpc_status(resp.headers());
+    let Ok(collected) = resp.into_body().collect().await else {
+        return CheckedHealth::NotServing;
+    };
+    let status = trailers_only.or_else(|| collected.trailers().and_then(grpc_status));
+    match status {
+        Some(0) => {}
+        Some(UNIMPLEMENTED) => return CheckedHealth::Unknown,
+        _ => return CheckedHealth::NotServing,
+    }
+    let body = collected.to_bytes();
+    let message = body.get(5..).unwrap_or_default();
+    match HealthCheckResponse::decode(message) {
+        Ok(r) if r.status == SERVING => CheckedHealth::Serving,
+        _ => CheckedHealth::NotServing,
+    }
+}
+
+const UNIMPLEMENTED: u32 = 12;
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A message in gRPC's length-prefixed framing (uncompressed).
+fn grpc_frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + body.len());
+    framed.push(0);
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    framed
 }
 
 #[cfg(test)]
@@ -119,8 +177,9 @@ mod tests {
     async fn a_probe_of_an_address_that_is_no_uri_says_not_serving_instead_of_panicking() {
         let backends = Backends::new(PoolConfig::default());
         let b = backends.get(&"a b:80".into());
-        let config = HealthCheckSettings::default();
-        assert_eq!(probe(&b, &config).await, CheckedHealth::NotServing);
+        let request = Bytes::from(grpc_frame(&HealthCheckRequest::default()));
+        let verdict = probe(&b, &HealthCheckSettings::default(), request).await;
+        assert_eq!(verdict, Some(CheckedHealth::NotServing));
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Per-backend load: active requests, a peak-EWMA of latency, and outcome counts.
 //! These are the numbers balancing policies read.
+//!
+//! The latency is the time to the response headers, never a whole call:
+//! a stream that lives 40 s says nothing about how fast the backend answers,
+//! and must not make latency-reading policies shun it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -56,19 +60,19 @@ impl Load {
     }
 
     /// Ends a call started with [`Load::start`].
-    pub fn finish(&self, latency: Duration, success: bool) {
+    pub fn finish(&self, success: bool) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         if success {
             self.successes.fetch_add(1, Ordering::Relaxed);
         } else {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.observe(latency);
     }
 
-    /// Peak-EWMA: a slower call than the average takes over at once; faster
-    /// ones pull it down with a time-based decay (as in Finagle and linkerd).
-    fn observe(&self, latency: Duration) {
+    /// One time-to-response-headers sample. Peak-EWMA: a slower answer than
+    /// the average takes over at once; faster ones pull it down with a
+    /// time-based decay (as in Finagle and linkerd).
+    pub fn observe_latency(&self, latency: Duration) {
         let sample = latency.as_secs_f64() * 1e6;
         let now = Instant::now();
         let mut e = self.ewma.lock().expect("ewma poisoned");
@@ -100,11 +104,13 @@ mod tests {
     async fn peak_ewma_jumps_up_and_decays_down() {
         let load = Load::default();
         load.start();
-        load.finish(Duration::from_millis(100), true);
+        load.observe_latency(Duration::from_millis(100));
+        load.finish(true);
         assert_eq!(load.latency_ewma_us(), 100_000);
         tokio::time::advance(DECAY).await;
         load.start();
-        load.finish(Duration::from_millis(10), true);
+        load.observe_latency(Duration::from_millis(10));
+        load.finish(true);
         let after = load.latency_ewma_us();
         assert!(
             (40_000..50_000).contains(&after),

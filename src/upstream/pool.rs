@@ -1,27 +1,53 @@
-//! HTTP/2 connections to one backend, shared by every call to it.
+//! HTTP/2 connections to one backend, shared by every call to it and by its
+//! health checks: the one dialer of the gateway.
 //!
-//! A pool keeps `n` connections; calls are spread over them and
-//! multiplexed on each. Each connects on first use and again after its
-//! connection closes. Callers that find one connecting wait for that one
-//! attempt; no lock is held across the wait.
+//! The pool knows each connection's open streams and the backend's own
+//! limit (`SETTINGS_MAX_CONCURRENT_STREAMS`, read from the connection as it
+//! runs). A call takes a stream on the least busy connection that has room;
+//! when every connection is full it opens another, up to
+//! `max_connections`; beyond that it waits in a bounded queue for at most
+//! `queue_timeout`, then gives up as *not reached*, so the call can go to
+//! another backend. Nothing ever waits without bound inside hyper.
+//!
+//! HTTP/2 conduct toward backends (gRPC servers are strict about pings):
+//! no keep-alive ping while no stream is open; the interval defaults to
+//! what grpc-go, grpc-java and C-core servers accept without complaint; a
+//! backend that answers pings with GOAWAY `ENHANCE_YOUR_CALM`
+//! (`too_many_pings`) gets twice the interval from then on, as grpc-go's
+//! client does. A connection that received a GOAWAY takes no new stream.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::replay::ReplayBody;
+use crate::errors::chain as error_chain;
 
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
-    /// HTTP/2 connections kept to each backend.
+    /// Connections opened before a full one forces another; calls are
+    /// spread over them.
     pub connections: usize,
+    /// At most this many connections to one backend.
+    pub max_connections: usize,
+    /// Streams one connection carries at most, whatever the backend allows.
+    pub max_streams_per_connection: u32,
+    /// Calls that may wait for a stream at once (beyond: not reached at once).
+    pub max_queued: usize,
+    /// How long a call waits for a stream before it is not reached.
+    pub queue_timeout: Duration,
     pub connect_timeout: Duration,
-    pub keepalive_interval: Duration,
+    /// HTTP/2 PING interval while streams are open; `None`: no pings.
+    pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
 }
 
@@ -29,9 +55,13 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             connections: 1,
+            max_connections: 32,
+            max_streams_per_connection: 1000,
+            max_queued: 1000,
+            queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(5),
+            keepalive_interval: Some(Duration::from_secs(300)),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -41,31 +71,79 @@ pub enum ConnectError {
     #[error("connect to {addr} timed out after {after:?}")]
     Timeout { addr: Arc<str>, after: Duration },
     #[error("connect to {addr} failed: {cause}")]
-    Io {
-        addr: Arc<str>,
-        cause: Arc<std::io::Error>,
-    },
+    Io { addr: Arc<str>, cause: String },
     #[error("HTTP/2 handshake with {addr} failed: {cause}")]
-    Handshake {
+    Handshake { addr: Arc<str>, cause: String },
+}
+
+/// Why no stream could be had.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{addr} is at capacity: no stream free within {waited:?} ({streams} streams open on {connections} connections)")]
+    QueueTimeout {
         addr: Arc<str>,
-        cause: Arc<hyper::Error>,
+        waited: Duration,
+        streams: u32,
+        connections: usize,
     },
+    #[error("{addr} is at capacity and {queued} calls already wait for it")]
+    QueueFull { addr: Arc<str>, queued: usize },
 }
 
 pub type Sender = SendRequest<ReplayBody>;
-type Attempt = watch::Receiver<Option<Result<Sender, ConnectError>>>;
 
-enum ConnState {
-    Idle,
-    Connecting(Attempt),
-    Ready(Sender),
+/// One HTTP/2 connection and what the pool knows of it.
+struct Conn {
+    sender: Sender,
+    /// Streams the pool handed out on it and that have not ended.
+    streams: AtomicU32,
+    /// The backend's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen.
+    peer_max: Arc<AtomicUsize>,
+    /// A GOAWAY arrived: the calls on it finish, no new one starts.
+    going_away: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn usable(&self) -> bool {
+        !self.going_away.load(Ordering::Relaxed) && !self.sender.is_closed()
+    }
+
+    fn limit(&self, cap: u32) -> u32 {
+        let peer = self.peer_max.load(Ordering::Relaxed);
+        cap.min(u32::try_from(peer).unwrap_or(u32::MAX))
+    }
+}
+
+struct Conns {
+    open: Vec<Arc<Conn>>,
+    /// Connects in progress; as many as the calls waiting need.
+    connecting: usize,
+    /// How the last connect failed, with a count of failures so far, so a
+    /// waiter can tell a failure that happened while it waited.
+    last_failure: Option<(u64, ConnectError)>,
+    failures: u64,
+}
+
+/// Counters of one pool, for `/services` and the metrics.
+#[derive(Debug, Default)]
+struct Stats {
+    queued: AtomicUsize,
+    queue_timeouts: AtomicU64,
+    ping_backoffs: AtomicU64,
+    goaways: AtomicU64,
 }
 
 pub struct Pool {
     addr: Arc<str>,
     config: PoolConfig,
-    conns: Box<[Mutex<ConnState>]>,
-    next: AtomicUsize,
+    conns: Mutex<Conns>,
+    /// Wakes callers waiting for a stream or a connection.
+    freed: Notify,
+    /// The keep-alive interval for new connections, in milliseconds (0: none).
+    keepalive_ms: AtomicU64,
+    stats: Stats,
 }
 
 impl std::fmt::Debug for Pool {
@@ -74,76 +152,301 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// A stream on one of the pool's connections: send one request with it. The
+/// stream counts as open until this is dropped (with the response).
+pub struct Stream {
+    pub sender: Sender,
+    permit: StreamPermit,
+}
+
+impl Stream {
+    /// Marks the connection as going away after a request on it met the
+    /// backend's GOAWAY: later calls use another connection.
+    pub fn connection_going_away(&self) {
+        self.permit.conn.going_away.store(true, Ordering::Relaxed);
+    }
+
+    /// The backend sent a GOAWAY on this stream's connection.
+    pub fn is_going_away(&self) -> bool {
+        self.permit.conn.going_away.load(Ordering::Relaxed)
+    }
+
+    /// The part that must live as long as the response.
+    pub fn into_permit(self) -> StreamPermit {
+        self.permit
+    }
+}
+
+/// Holds one stream of a connection open in the pool's books.
+pub struct StreamPermit {
+    conn: Arc<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        self.pool.freed.notify_one();
+    }
+}
+
+/// What `/services` shows of a pool.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PoolView {
+    pub connections: usize,
+    pub streams: u32,
+    /// The smallest stream limit among open connections (theirs or ours).
+    pub stream_limit: Option<u32>,
+    pub queued: usize,
+    pub queue_timeouts: u64,
+    pub goaways: u64,
+    pub ping_backoffs: u64,
+    pub keepalive_interval_ms: u64,
+}
+
 impl Pool {
     pub fn new(addr: Arc<str>, config: PoolConfig) -> Self {
-        let conns = (0..config.connections.max(1))
-            .map(|_| Mutex::new(ConnState::Idle))
-            .collect();
+        let keepalive_ms = config
+            .keepalive_interval
+            .map_or(0, |d| d.as_millis() as u64);
         Pool {
             addr,
             config,
-            conns,
-            next: AtomicUsize::new(0),
+            conns: Mutex::new(Conns {
+                open: Vec::new(),
+                connecting: 0,
+                last_failure: None,
+                failures: 0,
+            }),
+            freed: Notify::new(),
+            keepalive_ms: AtomicU64::new(keepalive_ms),
+            stats: Stats::default(),
         }
     }
 
-    /// A sender on an open connection, connecting first if needed.
-    pub async fn sender(&self) -> Result<Sender, ConnectError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let mut attempt = {
-            let mut conn = self.conns[i].lock().expect("pool connection poisoned");
-            match &*conn {
-                ConnState::Ready(s) if !s.is_closed() => return Ok(s.clone()),
-                ConnState::Connecting(rx) => rx.clone(),
-                _ => {
-                    let (tx, rx) = watch::channel(None);
-                    *conn = ConnState::Connecting(rx.clone());
-                    tokio::spawn(connect_into(self.addr.clone(), self.config.clone(), tx));
-                    rx
+    /// A stream on an open connection: the least busy one with room, a new
+    /// connection when all are full, or a bounded wait for one to free.
+    pub async fn stream(self: &Arc<Self>) -> Result<Stream, PoolError> {
+        let deadline = Instant::now() + self.config.queue_timeout;
+        let mut queued: Option<QueueSlot<'_>> = None;
+        let failures_before = self.conns.lock().expect("pool poisoned").failures;
+        loop {
+            // Register interest before looking, so a release in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let waiting = self.stats.queued.load(Ordering::Relaxed) + usize::from(queued.is_none());
+            match self.take_or_connect(waiting) {
+                Taken::Stream(stream) => return Ok(stream),
+                Taken::Failed(err) => return Err(err.into()),
+                Taken::Wait => {}
+            }
+            if queued.is_none() {
+                queued = Some(self.enqueue()?);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Err(self.queue_timeout()),
+                _ = freed => {}
+            }
+            // A connect that failed while nothing is open fails the waiters
+            // at once: there is nothing to wait for.
+            let conns = self.conns.lock().expect("pool poisoned");
+            if conns.open.is_empty() && conns.connecting == 0 && conns.failures > failures_before {
+                if let Some((_, err)) = &conns.last_failure {
+                    return Err(err.clone().into());
                 }
             }
-        };
-        let outcome = loop {
-            if let Some(outcome) = attempt.borrow_and_update().clone() {
-                break outcome;
+        }
+    }
+
+    /// Takes a stream if a connection has room; else starts connects, as
+    /// many as the `waiting` calls need (and the cap allows).
+    fn take_or_connect(self: &Arc<Self>, waiting: usize) -> Taken {
+        let mut conns = self.conns.lock().expect("pool poisoned");
+        conns.open.retain(|c| c.usable());
+        let cap = self.config.max_streams_per_connection;
+        let roomiest = conns
+            .open
+            .iter()
+            .filter(|c| c.streams.load(Ordering::Relaxed) < c.limit(cap))
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+            .cloned();
+        let max = self.config.max_connections.max(1);
+        if let Some(conn) = roomiest {
+            // Spread over the first `connections` before packing them: open
+            // the next one in the background; this call need not wait.
+            let busy = conn.streams.load(Ordering::Relaxed) > 0;
+            if busy && conns.connecting == 0 && conns.open.len() < self.config.connections.min(max)
+            {
+                conns.connecting += 1;
+                tokio::spawn(connect_into(self.clone()));
             }
-            if attempt.changed().await.is_err() {
-                break Err(ConnectError::Io {
-                    addr: self.addr.clone(),
-                    cause: Arc::new(std::io::Error::other("connect task ended")),
-                });
-            }
-        };
-        let mut conn = self.conns[i].lock().expect("pool connection poisoned");
-        if let ConnState::Connecting(rx) = &*conn {
-            if rx.same_channel(&attempt) {
-                *conn = match &outcome {
-                    Ok(s) => ConnState::Ready(s.clone()),
-                    Err(_) => ConnState::Idle,
-                };
+            conn.streams.fetch_add(1, Ordering::Relaxed);
+            return Taken::Stream(Stream {
+                sender: conn.sender.clone(),
+                permit: StreamPermit {
+                    conn: conn.clone(),
+                    pool: self.clone(),
+                },
+            });
+        }
+        // Every connection is full: connects for the waiting calls, each
+        // new connection good for about as many streams as the others.
+        let per_connection = conns
+            .open
+            .iter()
+            .map(|c| c.limit(cap) as usize)
+            .min()
+            .unwrap_or(cap as usize)
+            .max(1);
+        let wanted = waiting.div_ceil(per_connection);
+        while conns.connecting < wanted && conns.open.len() + conns.connecting < max {
+            conns.connecting += 1;
+            tokio::spawn(connect_into(self.clone()));
+        }
+        if conns.open.is_empty() && conns.connecting == 0 {
+            if let Some((_, err)) = &conns.last_failure {
+                return Taken::Failed(err.clone());
             }
         }
-        outcome
+        Taken::Wait
     }
 
-    /// True when some conn holds an open connection.
+    fn enqueue(&self) -> Result<QueueSlot<'_>, PoolError> {
+        let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let slot = QueueSlot(&self.stats.queued);
+        if queued >= self.config.max_queued {
+            return Err(PoolError::QueueFull {
+                addr: self.addr.clone(),
+                queued,
+            });
+        }
+        Ok(slot)
+    }
+
+    fn queue_timeout(&self) -> PoolError {
+        self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+        let view = self.view();
+        PoolError::QueueTimeout {
+            addr: self.addr.clone(),
+            waited: self.config.queue_timeout,
+            streams: view.streams,
+            connections: view.connections,
+        }
+    }
+
+    fn open_count(&self) -> usize {
+        let conns = self.conns.lock().expect("pool poisoned");
+        conns.open.iter().filter(|c| c.usable()).count()
+    }
+
+    /// True when some connection is open and takes new streams.
     pub fn is_connected(&self) -> bool {
-        self.conns.iter().any(|s| {
-            matches!(&*s.lock().expect("pool connection poisoned"), ConnState::Ready(s) if !s.is_closed())
-        })
+        self.open_count() > 0
+    }
+
+    pub fn view(&self) -> PoolView {
+        let conns = self.conns.lock().expect("pool poisoned");
+        let open: Vec<&Arc<Conn>> = conns.open.iter().filter(|c| c.usable()).collect();
+        PoolView {
+            connections: open.len(),
+            streams: open.iter().map(|c| c.streams.load(Ordering::Relaxed)).sum(),
+            stream_limit: open
+                .iter()
+                .map(|c| c.limit(self.config.max_streams_per_connection))
+                .min(),
+            queued: self.stats.queued.load(Ordering::Relaxed),
+            queue_timeouts: self.stats.queue_timeouts.load(Ordering::Relaxed),
+            goaways: self.stats.goaways.load(Ordering::Relaxed),
+            ping_backoffs: self.stats.ping_backoffs.load(Ordering::Relaxed),
+            keepalive_interval_ms: self.keepalive_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The connection ended: a backend that found our pings too frequent
+    /// gets them half as often from now on.
+    fn connection_ended(&self, outcome: Result<(), hyper::Error>) {
+        self.freed.notify_waiters();
+        let Err(err) = outcome else { return };
+        let Some(h2) = h2_error(&err) else {
+            tracing::debug!(backend = %self.addr, cause = %error_chain(&err), "upstream connection ended");
+            return;
+        };
+        if h2.is_go_away() && h2.is_remote() {
+            self.stats.goaways.fetch_add(1, Ordering::Relaxed);
+        }
+        if h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) && h2.is_remote() {
+            let before = self.keepalive_ms.load(Ordering::Relaxed);
+            if before > 0 {
+                let after = before.saturating_mul(2);
+                self.keepalive_ms.store(after, Ordering::Relaxed);
+                self.stats.ping_backoffs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    backend = %self.addr,
+                    cause = %error_chain(&err),
+                    before_ms = before,
+                    after_ms = after,
+                    "backend sent GOAWAY ENHANCE_YOUR_CALM: keep-alive pings to it now half as often"
+                );
+                return;
+            }
+        }
+        tracing::info!(backend = %self.addr, cause = %error_chain(&err), "upstream connection ended");
     }
 }
 
-async fn connect_into(
-    addr: Arc<str>,
-    config: PoolConfig,
-    done: watch::Sender<Option<Result<Sender, ConnectError>>>,
-) {
-    let outcome = connect(&addr, &config).await;
-    done.send_replace(Some(outcome));
+enum Taken {
+    Stream(Stream),
+    /// Nothing open, nothing connecting, and the last connect failed.
+    Failed(ConnectError),
+    Wait,
 }
 
-async fn connect(addr: &Arc<str>, config: &PoolConfig) -> Result<Sender, ConnectError> {
+/// A place in the pool's queue, given back on drop.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The h2 error behind a hyper error, if any.
+pub fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Opens one connection for `pool` and adds it, telling every waiter.
+async fn connect_into(pool: Arc<Pool>) {
+    let outcome = connect(&pool).await;
+    {
+        let mut conns = pool.conns.lock().expect("pool poisoned");
+        conns.connecting -= 1;
+        match outcome {
+            Ok(conn) => {
+                conns.open.push(conn);
+                conns.last_failure = None;
+            }
+            Err(err) => {
+                tracing::debug!(backend = %pool.addr, cause = %err, "connect failed");
+                conns.failures += 1;
+                conns.last_failure = Some((conns.failures, err));
+            }
+        }
+    }
+    pool.freed.notify_waiters();
+}
+
+async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
+    let addr = &pool.addr;
+    let config = &pool.config;
     let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&**addr))
         .await
         .map_err(|_| ConnectError::Timeout {
@@ -152,30 +455,307 @@ async fn connect(addr: &Arc<str>, config: &PoolConfig) -> Result<Sender, Connect
         })?
         .map_err(|e| ConnectError::Io {
             addr: addr.clone(),
-            cause: Arc::new(e),
+            cause: error_chain(&e),
         })?;
     if let Err(err) = stream.set_nodelay(true) {
         // Still usable, only slower for small frames.
         tracing::debug!(backend = %addr, cause = %err, "cannot set TCP_NODELAY");
     }
+    let keepalive = match pool.keepalive_ms.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
+    let going_away = Arc::new(AtomicBool::new(false));
+    let (tap, settings_seen) = FrameTap::new(stream, going_away.clone());
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .keep_alive_interval(config.keepalive_interval)
+        // Until the backend's SETTINGS say otherwise (no limit, if they say nothing).
+        .initial_max_send_streams(config.max_streams_per_connection as usize)
+        .keep_alive_interval(keepalive)
         .keep_alive_timeout(config.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(stream))
+        .keep_alive_while_idle(false)
+        .handshake(TokioIo::new(tap))
         .await
         .map_err(|e| ConnectError::Handshake {
             addr: addr.clone(),
-            cause: Arc::new(e),
+            cause: error_chain(&e),
         })?;
-    let addr = addr.clone();
+    let peer_max = Arc::new(AtomicUsize::new(0));
+    let driven = Driven {
+        connection,
+        peer_max: peer_max.clone(),
+        nudge: keepalive.map(|every| (Box::pin(tokio::time::sleep(every)), every)),
+    };
+    // Weak: the pool owns its connections, not the other way round; when
+    // the backend goes, the pool drops the senders and the connection ends.
+    let owner = Arc::downgrade(pool);
     tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(backend = %addr, cause = %err, "upstream connection ended");
+        let outcome = driven.await;
+        if let Some(pool) = owner.upgrade() {
+            pool.connection_ended(outcome);
         }
     });
-    Ok(sender)
+    // The backend's first frame (its SETTINGS) before any call uses it.
+    let waited = tokio::time::timeout(config.connect_timeout, settings_seen).await;
+    let Ok(Ok(limit)) = waited else {
+        return Err(ConnectError::Handshake {
+            addr: addr.clone(),
+            cause: "no SETTINGS frame from the backend".into(),
+        });
+    };
+    let limit = limit.map_or(usize::MAX, |l| l as usize);
+    peer_max.fetch_max(
+        limit.min(config.max_streams_per_connection as usize),
+        Ordering::Relaxed,
+    );
+    Ok(Arc::new(Conn {
+        sender,
+        streams: AtomicU32::new(0),
+        peer_max,
+        going_away,
+    }))
+}
+
+type Connection =
+    hyper::client::conn::http2::Connection<TokioIo<FrameTap<TcpStream>>, ReplayBody, TokioExecutor>;
+
+/// Drives a connection, noting the backend's stream limit after each step
+/// (its SETTINGS frames are read while the connection runs).
+///
+/// hyper decides whether a keep-alive ping is due only when the connection
+/// is polled, and a connection whose streams are all quiet is not polled:
+/// without a nudge, a quiet stream would never be pinged (and a dead peer
+/// never noticed). So the driver wakes itself once per interval.
+struct Driven {
+    connection: Connection,
+    peer_max: Arc<AtomicUsize>,
+    nudge: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+}
+
+impl Future for Driven {
+    type Output = Result<(), hyper::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let outcome = Pin::new(&mut this.connection).poll(cx);
+        this.peer_max.store(
+            this.connection.current_max_send_streams(),
+            Ordering::Relaxed,
+        );
+        if outcome.is_pending() {
+            if let Some((sleep, every)) = this.nudge.as_mut() {
+                while sleep.as_mut().poll(cx).is_ready() {
+                    let next = Instant::now() + *every;
+                    sleep.as_mut().reset(next);
+                    cx.waker().wake_by_ref(); // poll the connection once more
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Passes a connection's bytes through, reading the frame headers on the
+/// way (payloads are skipped, not copied): the backend's first frame, its
+/// SETTINGS with the stream limit, and any GOAWAY. A new connection is
+/// handed out only once its SETTINGS arrived, so no call is queued inside
+/// h2 behind a limit the pool did not know yet; a GOAWAY marks the
+/// connection as going away the moment its bytes are read, before h2 has
+/// processed whatever follows it.
+struct FrameTap<IO> {
+    io: IO,
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    skip: usize,
+    /// The first frame's payload while it is read (a SETTINGS frame).
+    first_settings: Option<Vec<u8>>,
+    seen: Option<tokio::sync::oneshot::Sender<Option<u32>>>,
+    going_away: Arc<AtomicBool>,
+}
+
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+
+impl<IO> FrameTap<IO> {
+    fn new(
+        io: IO,
+        going_away: Arc<AtomicBool>,
+    ) -> (Self, tokio::sync::oneshot::Receiver<Option<u32>>) {
+        let (seen, rx) = tokio::sync::oneshot::channel();
+        let tap = FrameTap {
+            io,
+            header: [0; 9],
+            header_len: 0,
+            skip: 0,
+            first_settings: None,
+            seen: Some(seen),
+            going_away,
+        };
+        (tap, rx)
+    }
+
+    fn observe(&mut self, mut read: &[u8]) {
+        while !read.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(read.len());
+                if let Some(payload) = self.first_settings.as_mut() {
+                    payload.extend_from_slice(&read[..n]);
+                }
+                read = &read[n..];
+                self.skip -= n;
+                if self.skip == 0 {
+                    self.settings_done();
+                }
+                continue;
+            }
+            let n = (9 - self.header_len).min(read.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&read[..n]);
+            self.header_len += n;
+            read = &read[n..];
+            if self.header_len < 9 {
+                return;
+            }
+            self.header_len = 0;
+            let h = self.header;
+            let length = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+            let kind = h[3];
+            if kind == FRAME_GOAWAY {
+                self.going_away.store(true, Ordering::Relaxed);
+            }
+            if self.seen.is_some() {
+                if kind == FRAME_SETTINGS && h[4] & 0x1 == 0 {
+                    self.first_settings = Some(Vec::with_capacity(length));
+                } else {
+                    // Not SETTINGS first: hyper will fail the handshake.
+                    if let Some(seen) = self.seen.take() {
+                        let _handshake_may_have_given_up = seen.send(None);
+                    }
+                }
+            }
+            self.skip = length;
+            if length == 0 {
+                self.settings_done();
+            }
+        }
+    }
+
+    /// The first SETTINGS frame is whole: tell its stream limit.
+    fn settings_done(&mut self) {
+        let Some(payload) = self.first_settings.take() else {
+            return;
+        };
+        let limit = payload
+            .chunks_exact(6)
+            .filter(|e| u16::from_be_bytes([e[0], e[1]]) == 0x3)
+            .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+            .next_back();
+        if let Some(seen) = self.seen.take() {
+            let _handshake_may_have_given_up = seen.send(limit);
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FrameTap<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let outcome = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.observe(&buf.filled()[before..]);
+        outcome
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FrameTap<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(entries: &[(u16, u32)]) -> Vec<u8> {
+        let len = entries.len() * 6;
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            0x4,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        for (id, v) in entries {
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn the_tap_reads_the_stream_limit_from_the_first_settings_frame_in_pieces() {
+        let going_away = Arc::new(AtomicBool::new(false));
+        let (mut tap, mut seen) = FrameTap::new((), going_away.clone());
+        let frame = settings(&[(0x4, 65535), (0x3, 10), (0x5, 16384)]);
+        for chunk in frame.chunks(4) {
+            tap.observe(chunk);
+        }
+        assert_eq!(seen.try_recv().unwrap(), Some(10));
+        assert!(!going_away.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn settings_without_a_limit_say_so() {
+        let (mut tap, mut seen) = FrameTap::new((), Arc::new(AtomicBool::new(false)));
+        tap.observe(&settings(&[(0x4, 65535)]));
+        assert_eq!(seen.try_recv().unwrap(), None);
+    }
+
+    #[test]
+    fn a_goaway_after_other_frames_marks_the_connection_at_once() {
+        let going_away = Arc::new(AtomicBool::new(false));
+        let (mut tap, _seen) = FrameTap::new((), going_away.clone());
+        let mut bytes = settings(&[(0x3, 100)]);
+        // A DATA frame of 5 bytes, then GOAWAY (last stream 7, NO_ERROR).
+        bytes.extend_from_slice(&[0, 0, 5, 0x0, 0, 0, 0, 0, 1, b'h', b'e', b'l', b'l', b'o']);
+        bytes.extend_from_slice(&[0, 0, 8, FRAME_GOAWAY, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0]);
+        let (first, rest) = bytes.split_at(20);
+        tap.observe(first);
+        assert!(!going_away.load(Ordering::Relaxed));
+        tap.observe(rest);
+        assert!(going_away.load(Ordering::Relaxed));
+    }
 }

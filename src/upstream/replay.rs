@@ -18,7 +18,8 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct ReplayState {
-    inner: Incoming,
+    /// The client's body; `None` for a body given whole ([`ReplayBody::fixed`]).
+    inner: Option<Incoming>,
     /// Data frames taken so far, while they fit in [`REPLAY_LIMIT`].
     kept: Vec<Bytes>,
     kept_bytes: usize,
@@ -41,15 +42,31 @@ pub struct ReplayBody {
 
 impl ReplayBody {
     pub fn new(inner: Incoming) -> Self {
-        let state = ReplayState {
-            inner,
+        ReplayBody::from_state(ReplayState {
+            inner: Some(inner),
             kept: Vec::new(),
             kept_bytes: 0,
             overflowed: false,
             trailers: None,
             ended: false,
             attempt: 0,
-        };
+        })
+    }
+
+    /// A body known whole in advance (the gateway's own calls: health checks).
+    pub fn fixed(data: Bytes) -> Self {
+        ReplayBody::from_state(ReplayState {
+            inner: None,
+            kept_bytes: data.len(),
+            kept: vec![data],
+            overflowed: false,
+            trailers: None,
+            ended: true,
+            attempt: 0,
+        })
+    }
+
+    fn from_state(state: ReplayState) -> Self {
         ReplayBody {
             state: Arc::new(Mutex::new(state)),
             attempt: 0,
@@ -100,7 +117,11 @@ impl Body for ReplayBody {
             }
             return Poll::Ready(None);
         }
-        match Pin::new(&mut state.inner).poll_frame(cx) {
+        let Some(inner) = state.inner.as_mut() else {
+            state.ended = true;
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 state.ended = true;
@@ -132,7 +153,7 @@ impl Body for ReplayBody {
         let state = self.state.lock().expect("replay state poisoned");
         self.pos >= state.kept.len()
             && (state.ended && (self.sent_trailers || state.trailers.is_none())
-                || state.inner.is_end_stream())
+                || state.inner.as_ref().is_none_or(|i| i.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -2,11 +2,13 @@
 
 mod demo;
 mod discovery;
+mod grpcio;
 mod guide;
 mod policy;
 mod proxy;
 mod python;
 mod register;
 mod serve;
+mod signals;
 mod support;
 mod tidy;

@@ -317,8 +317,8 @@ async fn the_gateways_own_errors_are_grpc_statuses_that_name_the_service() {
     let err = c.unary(req("x")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(
-        err.message().contains("dead") && err.message().contains("127.0.0.1:1"),
-        "{}",
+        err.message().contains("dead") && !err.message().contains("127.0.0.1:1"),
+        "the service, not the backend's address: {}",
         err.message()
     );
 
@@ -838,7 +838,7 @@ async fn ejection_is_capped_at_the_configured_share_of_a_service() {
     let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
     let ejected = m
         .lines()
-        .filter(|l| l.starts_with("weir_ejections_total{"))
+        .filter(|l| l.starts_with("weir_ejections_total{") && !l.ends_with(" 0"))
         .count();
     assert_eq!(ejected, 2, "half of 4 endpoints at most:\n{m}");
 }
