@@ -167,6 +167,38 @@ impl Etcd {
         }
     }
 
+    /// Freezes a member (SIGSTOP): it keeps its connections open and answers
+    /// nothing, as a member cut off by a partition looks to its clients.
+    pub fn pause_member(&mut self, member: usize) {
+        self.signal(member, "-STOP");
+    }
+
+    /// Thaws a member frozen by [`Etcd::pause_member`].
+    pub fn resume_member(&mut self, member: usize) {
+        self.signal(member, "-CONT");
+    }
+
+    fn signal(&mut self, member: usize, signal: &str) {
+        let Some(child) = self.members[member].child.as_ref() else {
+            panic!("etcd member {member} is not running");
+        };
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} member {member}");
+    }
+
+    /// Watch streams a member serves (`etcd_debugging_mvcc_watch_stream_total`
+    /// from its `/metrics`); 0 when it does not answer.
+    pub fn watch_streams(&self, member: usize) -> u64 {
+        let body = get(self.members[member].client_port, "/metrics").unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watch_stream_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -271,21 +303,20 @@ impl Drop for Etcd {
 
 /// etcd's `/health` answers `{"health":"true"}` once the member serves.
 fn health_ok(port: u16) -> bool {
-    let Ok(mut stream) =
+    get(port, "/health").is_some_and(|body| body.contains("\"health\":\"true\""))
+}
+
+/// A blocking GET on a member's client port (briefly bounded): the response.
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut stream =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    if stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+            .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut body = String::new();
     let _ = stream.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
+    Some(body)
 }
 
 /// GET over HTTP/1.1 (the admin listener): (status, body).

@@ -416,3 +416,139 @@ async fn a_cluster_keeps_discovery_working_when_any_one_member_dies() {
     }
     assert_eq!(d.addrs("echo").len(), 3);
 }
+
+/// A member cut off from the other two (frozen here with SIGSTOP) answers
+/// nothing and its watch goes quiet, not broken. Regression: the gateway
+/// stayed on such a member with a frozen view that looked healthy. It now
+/// notices within the progress interval, moves to another member and picks
+/// up what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_is_left_for_another_and_nothing_written_meanwhile_is_missed() {
+    let mut etcd = Etcd::start_cluster(3);
+    let mut config = EtcdConfig::new(etcd.endpoints(), PREFIX);
+    config.follow.progress_interval = Duration::from_secs(1);
+    config.follow.request_timeout = Duration::from_secs(2);
+    config.follow.backoff_max = Duration::from_millis(500);
+    let d = Discovery::start_with(config).await;
+    d.wait("first listing", |t| t.is_ready()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let watched = loop {
+        if let Some(m) = (0..3).find(|&m| etcd.watch_streams(m) > 0) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no member reports the watch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let restarts_before = d.metrics.watch_restarts.get();
+    etcd.pause_member(watched);
+    let frozen_at = Instant::now();
+
+    // Written through another member while the watched one is frozen (the
+    // two left elect a leader first if the frozen one led).
+    let other = (watched + 1) % 3;
+    let mut c = weir::discovery::connect(&[etcd.endpoint(other)])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.put(key("echo", "127.0.0.1:7"), "", None).await.is_err() {
+        assert!(Instant::now() < deadline, "no write through member {other}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // etcd's client would notice the frozen member only when its HTTP/2
+    // keep-alive gives up (10 s + 5 s); the progress requests, well before.
+    d.wait_for(
+        "the put made while the watched member was frozen",
+        Duration::from_secs(12).saturating_sub(frozen_at.elapsed()),
+        |t| addrs(t, "echo") == ["127.0.0.1:7"],
+    )
+    .await;
+    eprintln!("picked up {:?} after the freeze", frozen_at.elapsed());
+    assert!(d.metrics.watch_restarts.get() > restarts_before);
+    etcd.resume_member(watched);
+}
+
+/// Regression: past ~600 instances at the default poll rate, lease TTLs
+/// were counted down from polls older than the TTL itself: healthy leases,
+/// renewed in etcd all along, read "about to expire", and lease-aware
+/// drained them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_polled_too_rarely_read_unknown_and_lease_aware_drains_none() {
+    use weir::members::Members;
+    use weir::policy::{Limits, PolicyEngine, PolicySet};
+    use weir::upstream::{Backends, CheckedHealth, PoolConfig};
+
+    let etcd = Etcd::start();
+    // 40 instances with 10 s leases (the registration default), kept alive;
+    // 2 polls a second: each lease is polled every 20 s, twice its TTL.
+    let mut registrations = Vec::new();
+    for i in 0..40 {
+        let mut spec =
+            weir::RegistrationSpec::new(PREFIX, "fleet", &format!("127.0.0.1:{}", 20_000 + i));
+        registrations.push(weir::Registration::spawn(client(&etcd).await, spec).unwrap());
+    }
+    for r in &mut registrations {
+        r.registered().await;
+    }
+    let mut config = EtcdConfig::new(etcd.endpoints(), PREFIX);
+    config.lease_poll.polls_per_second = 2;
+    let d = Discovery::start_with(config).await;
+    d.wait("the fleet", |t| {
+        t.get("fleet").is_some_and(|s| s.len() == 40)
+    })
+    .await;
+
+    let set = PolicySet::new(
+        Arc::new(
+            PolicyEngine::new(
+                Limits {
+                    deadline: Duration::from_millis(100),
+                    ..Limits::default()
+                },
+                None,
+            )
+            .unwrap(),
+        ),
+        None,
+        weir::metrics::PolicyMetrics::default(),
+    );
+    let file = crate::policy::policy_file("lease-aware");
+    set.install_file("lease-aware", &file).unwrap();
+    let lease_aware = set.balancer("lease-aware");
+    let backends = Backends::new(PoolConfig::default());
+    let mut picked = vec![0usize; 40];
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(9) {
+        let endpoints = d.table.get("fleet").unwrap();
+        for e in &endpoints.endpoints {
+            if let Some(ms) = e.lease.as_ref().and_then(|l| l.remaining_ms()) {
+                assert!(
+                    ms >= 1_000,
+                    "{} reads {ms} ms left on a healthy lease",
+                    e.addr
+                );
+            }
+        }
+        let members = Arc::new(Members::unconnected(endpoints, &backends));
+        for m in &members.list {
+            m.backend.record_check(CheckedHealth::Serving, 1, 1);
+        }
+        let candidates: Vec<usize> = (0..members.len()).collect();
+        let headers = Arc::new(http::HeaderMap::new());
+        for _ in 0..40 {
+            let ctx = weir::balance::PickContext {
+                service: "fleet",
+                method: "M",
+                headers: &headers,
+                members: &members,
+                candidates: &candidates,
+                options: None,
+            };
+            picked[lease_aware.pick(&ctx).unwrap()] += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        picked.iter().all(|&n| n > 0),
+        "lease-aware drained none: {picked:?}"
+    );
+}

@@ -28,6 +28,10 @@ impl Discovery {
         let mut config = EtcdConfig::new(endpoints, PREFIX);
         config.snapshot = snapshot;
         config.follow.backoff_max = Duration::from_millis(500);
+        Discovery::start_with(config).await
+    }
+
+    pub async fn start_with(config: EtcdConfig) -> Discovery {
         let metrics = DiscoveryMetrics::default();
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
