@@ -482,7 +482,7 @@ async fn leases_polled_too_rarely_read_unknown_and_lease_aware_drains_none() {
     // 2 polls a second: each lease is polled every 20 s, twice its TTL.
     let mut registrations = Vec::new();
     for i in 0..40 {
-        let mut spec =
+        let spec =
             weir::RegistrationSpec::new(PREFIX, "fleet", &format!("127.0.0.1:{}", 20_000 + i));
         registrations.push(weir::Registration::spawn(client(&etcd).await, spec).unwrap());
     }
