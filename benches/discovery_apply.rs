@@ -27,6 +27,7 @@ fn fleet() -> ServiceTable {
             key: k.as_bytes(),
             value: v.as_bytes(),
             lease: 0,
+            revision: 1,
         })
         .collect();
     table.reset(
@@ -53,6 +54,7 @@ fn bench(c: &mut Criterion) {
                     key,
                     value: values[n % 2],
                     lease: 0,
+                    revision: 1,
                 }],
                 Position {
                     cluster_id: 1,

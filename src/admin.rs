@@ -58,7 +58,7 @@ pub async fn serve(
                 }
             };
             if let Err(err) = outcome {
-                tracing::debug!(cause = %err, "admin connection ended");
+                tracing::debug!(cause = %crate::errors::chain(&err), "admin connection ended");
             }
         }
     })

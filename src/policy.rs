@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 pub use check::synthetic_members;
 pub use engine::{Limits, PolicyEngine};
-pub use set::{NamedPolicy, PolicySet, WasmBalancer, REVERT_AFTER};
-pub use version::{digest, Fault, PolicyVersion};
+pub use set::{NamedPolicy, PolicySet, WasmBalancer};
+pub use version::{digest, Fault, PolicyVersion, REVERT_AFTER, REVERT_AFTER_DEADLINES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -67,6 +67,9 @@ pub fn validate(
     let version = Arc::new(version::PolicyVersion::new(
         engine, name, source, bytes, compiled,
     ));
+    version
+        .warm_up(engine)
+        .map_err(|f| PolicyError::Trial(f.to_string()))?;
     check::trial(engine, &version).map_err(PolicyError::Trial)?;
     Ok(version)
 }

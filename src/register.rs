@@ -206,7 +206,7 @@ async fn keep_registered(
             Ok(()) => return revoke(&mut client, lease).await,
             Err(err) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(key = %spec.key(), cause = %err, retry_in = ?delay, "registration interrupted; registering again");
+                tracing::warn!(key = %spec.key(), cause = %crate::errors::chain(&err), retry_in = ?delay, "registration interrupted; registering again");
                 tokio::select! {
                     _ = stop.cancelled() => return revoke(&mut client, lease).await,
                     _ = tokio::time::sleep(delay) => {}

@@ -335,7 +335,7 @@ async fn accept(
             };
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => serve_connection(tls_stream, proxy, stop).await,
-                Ok(Err(err)) => tracing::debug!(%peer, cause = %err, "TLS handshake failed"),
+                Ok(Err(err)) => tracing::debug!(%peer, cause = %crate::errors::chain(&err), "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
@@ -367,6 +367,6 @@ where
         }
     };
     if let Err(err) = outcome {
-        tracing::debug!(cause = %err, "client connection ended with an error");
+        tracing::debug!(cause = %crate::errors::chain(&err), "client connection ended with an error");
     }
 }

@@ -98,6 +98,8 @@ pub enum KvChange<'a> {
         key: &'a [u8],
         value: &'a [u8],
         lease: i64,
+        /// The key's mod revision: a new put, even of the same value, has a new one.
+        revision: i64,
     },
     Delete {
         key: &'a [u8],
@@ -110,6 +112,8 @@ pub struct Kv<'a> {
     pub key: &'a [u8],
     pub value: &'a [u8],
     pub lease: i64,
+    /// The key's mod revision.
+    pub revision: i64,
 }
 
 /// Why a prefix is listed (again) rather than resumed.
@@ -234,7 +238,7 @@ pub async fn follow<F: Follower>(
         } else {
             backoff.next_delay()
         };
-        tracing::warn!(prefix, cause = %err, retry_in = ?delay, "etcd watch session ended; resuming");
+        tracing::warn!(prefix, cause = %crate::errors::chain(&err), retry_in = ?delay, "etcd watch session ended; resuming");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -298,6 +302,7 @@ async fn resume_or_list<F: Follower>(
             key: kv.key(),
             value: kv.value(),
             lease: kv.lease(),
+            revision: kv.mod_revision(),
         })
         .collect();
     follower.reset(&kvs, now, reason);
@@ -394,6 +399,7 @@ async fn watch_events<F: Follower>(
                         key: kv.key(),
                         value: kv.value(),
                         lease: kv.lease(),
+                        revision: kv.mod_revision(),
                     },
                     EventType::Delete => KvChange::Delete { key: kv.key() },
                 })

@@ -23,6 +23,11 @@ pub struct PolicyUpdate {
     pub name: String,
     pub key: String,
     pub bytes: Vec<u8>,
+    /// Which publication this is: the etcd history (counted up when etcd was
+    /// wiped or restored) and the key's mod revision in it. Publishing the
+    /// same bytes again makes a new one (so a version reverted on this
+    /// gateway can be installed again); a re-listing does not.
+    pub publication: (u64, i64),
 }
 
 /// The latest published bytes, by etcd key.
@@ -37,6 +42,8 @@ pub fn policies_prefix(prefix: &str) -> String {
 struct PublishedPolicies {
     prefix: String,
     position: Mutex<Option<Position>>,
+    /// Counts etcd histories: revisions start over in a wiped etcd.
+    history: std::sync::atomic::AtomicU64,
     latest: watch::Sender<Published>,
 }
 
@@ -52,6 +59,7 @@ pub fn spawn_policy_watch(
     let follower = PublishedPolicies {
         prefix: policies_prefix(prefix),
         position: Mutex::new(None),
+        history: std::sync::atomic::AtomicU64::new(0),
         latest,
     };
     let task = tokio::spawn(async move {
@@ -62,13 +70,22 @@ pub fn spawn_policy_watch(
 }
 
 impl PublishedPolicies {
-    fn update(&self, key: &[u8], value: &[u8]) -> Option<(String, Arc<PolicyUpdate>)> {
+    fn update(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        revision: i64,
+    ) -> Option<(String, Arc<PolicyUpdate>)> {
         let key = String::from_utf8_lossy(key).into_owned();
         let name = key.strip_prefix(&self.prefix)?.to_owned();
         let update = PolicyUpdate {
             name,
             key: key.clone(),
             bytes: value.to_vec(),
+            publication: (
+                self.history.load(std::sync::atomic::Ordering::Relaxed),
+                revision,
+            ),
         };
         Some((key, Arc::new(update)))
     }
@@ -84,9 +101,14 @@ impl Follower for PublishedPolicies {
     }
 
     fn reset(&self, kvs: &[Kv<'_>], at: Position, reason: Relist) {
+        if matches!(reason, Relist::RevisionBackwards | Relist::ClusterChanged) {
+            // Another history: its revisions say nothing of the old one's.
+            self.history
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let listed: BTreeMap<_, _> = kvs
             .iter()
-            .filter_map(|kv| self.update(kv.key, kv.value))
+            .filter_map(|kv| self.update(kv.key, kv.value, kv.revision))
             .collect();
         tracing::info!(
             reason = reason.as_str(),
@@ -101,8 +123,13 @@ impl Follower for PublishedPolicies {
         let mut latest = BTreeMap::clone(&self.latest.borrow());
         for change in changes {
             match *change {
-                KvChange::Put { key, value, .. } => {
-                    if let Some((key, update)) = self.update(key, value) {
+                KvChange::Put {
+                    key,
+                    value,
+                    revision,
+                    ..
+                } => {
+                    if let Some((key, update)) = self.update(key, value, revision) {
                         latest.insert(key, update);
                     }
                 }

@@ -208,6 +208,7 @@ mod tests {
                 key: b"/s/a/h:1",
                 value: br#"{"weight":3,"metadata":{"zone":"z"}}"#,
                 lease: 77,
+                revision: 1,
             }],
             at,
         );

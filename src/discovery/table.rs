@@ -172,7 +172,9 @@ impl ServiceTable {
         let mut by_service: BTreeMap<Arc<str>, Vec<Op>> = BTreeMap::new();
         for change in changes {
             match *change {
-                KvChange::Put { key, value, lease } => {
+                KvChange::Put {
+                    key, value, lease, ..
+                } => {
                     self.metrics.events.get_or_create(&kind("put")).inc();
                     if let Some((service, key, reg)) = self.read(key, value) {
                         by_service
@@ -433,6 +435,7 @@ mod tests {
             key: key.as_bytes(),
             value: value.as_bytes(),
             lease: 0,
+            revision: 1,
         }
     }
 
@@ -502,6 +505,7 @@ mod tests {
             key: k.as_bytes(),
             value: v.as_bytes(),
             lease: 0,
+            revision: 1,
         };
         table.reset(
             &[

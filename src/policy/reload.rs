@@ -38,7 +38,10 @@ pub fn spawn_dir_watch(
         let _watcher = watcher; // dropped (and stopped) with this task
                                 // One write often arrives as several events: try each content once,
                                 // so a late duplicate cannot roll back a newer version from etcd.
-        let mut settled: HashMap<PathBuf, String> = HashMap::new();
+                                // Settled by content and modification time: the same write's late
+                                // events are skipped; writing the same bytes again is tried again
+                                // (a version reverted here comes back when it is written anew).
+        let mut settled: HashMap<PathBuf, (String, Option<std::time::SystemTime>)> = HashMap::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -67,13 +70,17 @@ pub fn spawn_dir_watch(
                         continue;
                     }
                 };
-                let digest = super::version::digest(&bytes);
-                if settled.get(&path) == Some(&digest) {
+                let modified = tokio::fs::metadata(&path)
+                    .await
+                    .ok()
+                    .and_then(|m| m.modified().ok());
+                let this_write = (super::version::digest(&bytes), modified);
+                if settled.get(&path) == Some(&this_write) {
                     continue;
                 }
                 let source = path.display().to_string();
                 if install_settles(&set, name, bytes, source).await {
-                    settled.insert(path.clone(), digest);
+                    settled.insert(path.clone(), this_write);
                 }
             }
         }
@@ -88,14 +95,15 @@ pub fn spawn_etcd_consumer(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // A re-list after a reconnect shows every key again: skip what this
-        // key already installed, so it cannot undo a newer file version.
-        let mut settled: HashMap<String, String> = HashMap::new();
+        // A re-list after a reconnect shows every key again: skip each put
+        // already settled (by its publication), so a re-list can neither undo a
+        // newer file version nor bring back a version reverted here. A new
+        // put of the same bytes has a new revision: it is tried again.
+        let mut settled: HashMap<String, (u64, i64)> = HashMap::new();
         loop {
             let latest = published.borrow_and_update().clone();
             for update in latest.values() {
-                let digest = super::version::digest(&update.bytes);
-                if settled.get(&update.key) == Some(&digest) {
+                if settled.get(&update.key) == Some(&update.publication) {
                     continue;
                 }
                 let (name, bytes, key) = (
@@ -104,7 +112,7 @@ pub fn spawn_etcd_consumer(
                     update.key.clone(),
                 );
                 if install_settles(&set, name, bytes, key.clone()).await {
-                    settled.insert(key, digest);
+                    settled.insert(key, update.publication);
                 }
             }
             tokio::select! {

@@ -19,9 +19,6 @@ use crate::metrics::PolicyMetrics;
 /// One pick in this many is timed for `weir_policy_pick_duration_seconds`.
 const TIMED_EVERY: u64 = 32;
 
-/// Faults in a row after which a version is reverted to the last good one.
-pub const REVERT_AFTER: u32 = 10;
-
 pub struct NamedPolicy {
     pub name: Arc<str>,
     current: ArcSwapOption<PolicyVersion>,
@@ -287,7 +284,7 @@ impl Balancer for WasmBalancer {
         }
         outcome.map_err(|fault| {
             self.metrics.fault(&self.policy.name, fault.kind());
-            if version.consecutive_faults() >= REVERT_AFTER {
+            if version.failing() {
                 self.revert(version, &fault);
             }
             PickError(format!("policy {:?} {fault}", &*self.policy.name))
@@ -330,7 +327,7 @@ impl WasmBalancer {
         {
             self.metrics.reverted(&self.policy.name);
             *self.policy.last_error.lock().expect("last error") = Some(format!(
-                "version {} reverted after {REVERT_AFTER} faults in a row (last: {fault})",
+                "version {} reverted after repeated faults in a row (last: {fault})",
                 failing.digest
             ));
             tracing::warn!(policy = %self.policy.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");

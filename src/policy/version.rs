@@ -6,7 +6,7 @@
 //! waiting when it can. An instance that trapped cannot be entered again: it
 //! is dropped and a fresh one made from the `InstancePre` on the next pick.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -32,6 +32,8 @@ pub enum Fault {
     Error(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    #[error("had no free instance (every one was picking)")]
+    Busy,
 }
 
 impl Fault {
@@ -43,8 +45,26 @@ impl Fault {
             Fault::OutOfRange(_) => "out_of_range",
             Fault::Error(_) => "error",
             Fault::Instantiate(_) => "instantiate",
+            Fault::Busy => "busy",
         }
     }
+}
+
+/// Faults of the policy's own making in a row (traps, errors, out of range,
+/// memory) after which a version is reverted to the last good one.
+pub const REVERT_AFTER: u32 = 10;
+
+/// Deadline faults in a row after which a version is reverted. A deadline
+/// counts wall time, so a pick the OS preempted on a busy machine runs past
+/// it through no fault of the policy's: only a long unbroken run of them
+/// (a policy that really loops) reverts a version.
+pub const REVERT_AFTER_DEADLINES: u32 = 100;
+
+/// One long-lived instance's place.
+struct Instance {
+    live: Mutex<Option<Live>>,
+    /// Someone is making this place's instance (off its lock).
+    refilling: AtomicBool,
 }
 
 struct Live {
@@ -74,11 +94,11 @@ pub struct PolicyVersion {
     pub reads_call: bool,
     pub learns_from_outcomes: bool,
     pre: BalancerPre<HostState>,
-    instances: Box<[Mutex<Option<Live>>]>,
-    next: AtomicUsize,
+    instances: Box<[Instance]>,
     pub picks: AtomicU64,
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
+    consecutive_deadlines: AtomicU32,
 }
 
 impl PolicyVersion {
@@ -98,17 +118,35 @@ impl PolicyVersion {
             learns_from_outcomes: compiled.learns_from_outcomes,
             pre: compiled.pre,
             instances: (0..engine.limits.instances.max(1))
-                .map(|_| Mutex::new(None))
+                .map(|_| Instance {
+                    live: Mutex::new(None),
+                    refilling: AtomicBool::new(false),
+                })
                 .collect(),
-            next: AtomicUsize::new(0),
             picks: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             consecutive_faults: AtomicU32::new(0),
+            consecutive_deadlines: AtomicU32::new(0),
         }
     }
 
-    pub fn consecutive_faults(&self) -> u32 {
-        self.consecutive_faults.load(Ordering::Relaxed)
+    /// Makes every instance now (off the hot path: at install), so no pick
+    /// pays for one unless an instance trapped.
+    pub fn warm_up(&self, engine: &PolicyEngine) -> Result<(), Fault> {
+        for instance in self.instances.iter() {
+            let live = self
+                .instantiate(engine)
+                .map_err(|e| Fault::Instantiate(format!("{e:#}")))?;
+            *instance.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
+        }
+        Ok(())
+    }
+
+    /// The version keeps failing: revert it (see [`REVERT_AFTER`] and
+    /// [`REVERT_AFTER_DEADLINES`]).
+    pub fn failing(&self) -> bool {
+        self.consecutive_faults.load(Ordering::Relaxed) >= REVERT_AFTER
+            || self.consecutive_deadlines.load(Ordering::Relaxed) >= REVERT_AFTER_DEADLINES
     }
 
     /// Asks the policy for a position in `ctx.candidates`.
@@ -116,7 +154,16 @@ impl PolicyVersion {
         self.picks.fetch_add(1, Ordering::Relaxed);
         let outcome = self.pick_inner(engine, ctx);
         match &outcome {
-            Ok(_) => self.consecutive_faults.store(0, Ordering::Relaxed),
+            Ok(_) => {
+                self.consecutive_faults.store(0, Ordering::Relaxed);
+                self.consecutive_deadlines.store(0, Ordering::Relaxed);
+            }
+            // No free instance: not the policy's doing.
+            Err(Fault::Busy) => {}
+            Err(Fault::Deadline) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                self.consecutive_deadlines.fetch_add(1, Ordering::Relaxed);
+            }
             Err(_) => {
                 self.faults.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_faults.fetch_add(1, Ordering::Relaxed);
@@ -193,33 +240,33 @@ impl PolicyVersion {
         })
     }
 
-    /// A free instance, made first if its place is empty (never yet used,
-    /// or dropped after a trap).
-    fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
-        let mut instance = self.acquire();
-        if instance.is_none() {
-            *instance = Some(
-                self.instantiate(engine)
-                    .map_err(|e| Fault::Instantiate(format!("{e:#}")))?,
-            );
-        }
-        Ok(instance)
-    }
-
     /// The first free instance, in order: picks one after another always use
     /// the first, so a stateful policy (round-robin's counter) stays exact;
-    /// more are used only while picks really run at the same time.
-    fn acquire(&self) -> MutexGuard<'_, Option<Live>> {
+    /// more are used only while picks really run at the same time. Never
+    /// waits: when every instance is picking, the pick is `Busy` (and falls
+    /// back). A place left empty by a trap is refilled here, without holding
+    /// its lock while the instance is made.
+    fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
         for instance in self.instances.iter() {
-            if let Ok(guard) = instance.try_lock() {
-                return guard;
+            let Ok(guard) = instance.live.try_lock() else {
+                continue;
+            };
+            if guard.is_some() {
+                return Ok(guard);
             }
+            drop(guard);
+            if instance.refilling.swap(true, Ordering::AcqRel) {
+                continue; // another pick is making it
+            }
+            let made = self.instantiate(engine);
+            // Others only try this lock, and let go at once while it is empty.
+            let mut guard = instance.live.lock().unwrap_or_else(|p| p.into_inner());
+            instance.refilling.store(false, Ordering::Release);
+            let live = made.map_err(|e| Fault::Instantiate(format!("{e:#}")))?;
+            *guard = Some(live);
+            return Ok(guard);
         }
-        // Every instance is picking: a pick takes microseconds, so wait for one.
-        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.instances.len();
-        self.instances[k]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        Err(Fault::Busy)
     }
 
     fn instantiate(&self, engine: &PolicyEngine) -> wasmtime::Result<Live> {

@@ -227,7 +227,8 @@ impl Pool {
     /// A stream on an open connection: the least busy one with room, a new
     /// connection when all are full, or a bounded wait for one to free.
     pub async fn stream(self: &Arc<Self>) -> Result<Stream, PoolError> {
-        let deadline = Instant::now() + self.config.queue_timeout;
+        let began = Instant::now();
+        let mut deadline = began + self.config.queue_timeout;
         let mut queued: Option<QueueSlot<'_>> = None;
         let failures_before = self.conns.lock().expect("pool poisoned").failures;
         loop {
@@ -245,7 +246,16 @@ impl Pool {
                 queued = Some(self.enqueue()?);
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return Err(self.queue_timeout()),
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Waiting on the first connection, not on a full one:
+                    // that connect has its own bound.
+                    let connect_bound = began + self.config.connect_timeout * 2;
+                    if self.only_connecting() && Instant::now() < connect_bound {
+                        deadline = connect_bound;
+                        continue;
+                    }
+                    return Err(self.queue_timeout());
+                }
                 _ = freed => {}
             }
             // A connect that failed while nothing is open fails the waiters
@@ -333,6 +343,12 @@ impl Pool {
             streams: view.streams,
             connections: view.connections,
         }
+    }
+
+    /// Nothing is open and a connect is under way.
+    fn only_connecting(&self) -> bool {
+        let conns = self.conns.lock().expect("pool poisoned");
+        conns.open.is_empty() && conns.connecting > 0
     }
 
     fn open_count(&self) -> usize {

@@ -295,6 +295,36 @@ fn a_version_that_keeps_failing_is_reverted_to_the_last_good_one() {
     assert!(pick(&*b, &members, &HeaderMap::new()).is_ok());
 }
 
+/// Regression: deadline faults counted toward a revert like any other, yet
+/// a deadline counts wall time: a busy machine that preempts picks reverted
+/// good versions. Only a long unbroken run of deadline faults (a policy
+/// that really loops) reverts now.
+#[test]
+fn deadline_faults_revert_a_version_only_after_a_long_unbroken_run() {
+    let set = strict_set();
+    let good = set.install_file("p", &policy_file("round-robin")).unwrap();
+    let testing = set.install_file("p", &policy_file("testing")).unwrap();
+    let b = set.balancer("p");
+    let members = synthetic_members(3);
+    let current = || set.policy("p").unwrap().current().unwrap().digest.clone();
+    for _ in 0..REVERT_AFTER + 2 {
+        assert!(testing_pick(&*b, &members, "loop").is_err());
+    }
+    assert_eq!(
+        current(),
+        testing.digest,
+        "a few deadline faults do not revert"
+    );
+    assert!(
+        pick(&*b, &members, &HeaderMap::new()).is_ok(),
+        "a good pick"
+    );
+    for _ in 0..weir::policy::REVERT_AFTER_DEADLINES {
+        assert!(testing_pick(&*b, &members, "loop").is_err());
+    }
+    assert_eq!(current(), good.digest, "an unbroken run of them does");
+}
+
 mod through_the_gateway {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
@@ -488,6 +518,58 @@ mod through_the_gateway {
         .await;
     }
 
+    /// Regression: after a version was reverted on a gateway, publishing the
+    /// same bytes again was skipped there for good (the reloader remembered
+    /// the content as settled). A new put is a new publication.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reverted_version_published_again_is_installed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Env::start(2, &route("flaky", dir.path())).await;
+        let key = format!("{PREFIX}/_policies/flaky");
+        let good = std::fs::read(policy_file("round-robin")).unwrap();
+        let testing = std::fs::read(policy_file("testing")).unwrap();
+        let mut etcd = client(&env.etcd).await;
+        let policies = env.gateway().policies.clone();
+        let serving = |want: String| {
+            let policies = policies.clone();
+            move || {
+                let (policies, want) = (policies.clone(), want.clone());
+                async move {
+                    policies
+                        .policy("flaky")
+                        .and_then(|p| p.current())
+                        .is_some_and(|v| v.digest == want)
+                }
+            }
+        };
+        for bytes in [&good, &testing] {
+            etcd.put(key.as_str(), bytes.clone(), None).await.unwrap();
+            eventually(
+                "published version serving",
+                Duration::from_secs(10),
+                serving(digest(bytes)),
+            )
+            .await;
+        }
+        // Calls that make it fail until it is reverted (they still succeed).
+        let mut c = env.client().await;
+        for _ in 0..weir::policy::REVERT_AFTER {
+            let mut r = Request::new(req("x"));
+            r.metadata_mut()
+                .insert("x-policy-test", MetadataValue::try_from("error").unwrap());
+            c.unary(r).await.expect("a fallback pick");
+        }
+        eventually("reverted", Duration::from_secs(10), serving(digest(&good))).await;
+        // The operator fixed what the version depended on, and publishes it again.
+        etcd.put(key.as_str(), testing.clone(), None).await.unwrap();
+        eventually(
+            "the republished version serving again",
+            Duration::from_secs(10),
+            serving(digest(&testing)),
+        )
+        .await;
+    }
+
     /// The same broken bytes, written again (more file events), are not
     /// tried again: one refusal is counted once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,8 +596,11 @@ mod through_the_gateway {
             || async move { failed().await == 1 },
         )
         .await;
-        for _ in 0..3 {
-            std::fs::write(&broken, b"not a component").unwrap();
+        // More events on the same write (its metadata changes, its content
+        // and modification time do not): nothing is tried again.
+        for mode in [0o600, 0o644, 0o640] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(mode)).unwrap();
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         // A later, valid file loading shows the watcher got past those events.
