@@ -57,8 +57,45 @@ pub struct Config {
     pub zone: Option<String>,
     #[serde(default)]
     pub policy: PolicySection,
+    /// What one client may make the gateway hold.
+    #[serde(default)]
+    pub limits: LimitsSection,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+}
+
+/// What one client (or connection pattern) may make the gateway hold. Each
+/// limit has a default fit for an edge; README "Limits and hostile clients"
+/// says what a client sees when it hits one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// From accept to the first request: TLS handshake, HTTP/2 preface,
+    /// the first HEADERS. A connection that takes longer is closed.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no stream open this long gets GOAWAY.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections older than this are drained with GOAWAY ("0s": never).
+    #[serde(default, with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Client connections open at once; beyond, new ones are closed at once.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Streams one client connection may have open at once.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// The largest header block a client may send, in bytes.
+    #[serde(default = "defaults::max_header_list_bytes")]
+    pub max_header_list_bytes: u32,
+    /// A call with no bytes moving either way this long is ended with
+    /// DEADLINE_EXCEEDED on both sides (a route may say otherwise).
+    #[serde(default = "defaults::stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// `grpc-timeout` values above this are clipped to it.
+    #[serde(default = "defaults::max_grpc_timeout", with = "humantime_serde")]
+    pub max_grpc_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -79,6 +116,9 @@ pub struct PolicySection {
     /// Long-lived instances per policy (picks run on them in parallel).
     #[serde(default = "defaults::policy_instances")]
     pub instances: usize,
+    /// The largest policy component accepted (file or etcd), in MiB.
+    #[serde(default = "defaults::policy_max_size_mib")]
+    pub max_size_mib: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -207,6 +247,12 @@ pub struct RouteConfig {
     /// Settings for the route's policy, read with `call.route-option`.
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// The longest a call without `grpc-timeout` may last (none by default).
+    #[serde(default, with = "humantime_serde")]
+    pub max_duration: Option<Duration>,
+    /// Overrides `[limits] stream_idle_timeout` for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 mod defaults {
@@ -303,6 +349,31 @@ mod defaults {
     pub fn policy_instances() -> usize {
         4
     }
+    pub fn policy_max_size_mib() -> usize {
+        32
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    /// Envoy's guidance for an edge proxy.
+    pub fn max_concurrent_streams() -> u32 {
+        100
+    }
+    pub fn max_header_list_bytes() -> u32 {
+        16 * 1024
+    }
+    pub fn stream_idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_grpc_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
     pub fn policy() -> String {
         "round-robin".into()
     }
@@ -321,6 +392,7 @@ macro_rules! default_section {
     )*};
 }
 default_section!(
+    LimitsSection,
     EtcdSection,
     UpstreamSection,
     RetrySection,
@@ -452,6 +524,13 @@ impl Config {
             ("outlier.max_ejection_time", self.outlier.max_ejection_time),
             ("policy.deadline", self.policy.deadline),
             ("drain_timeout", self.drain_timeout),
+            ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.idle_timeout", self.limits.idle_timeout),
+            (
+                "limits.stream_idle_timeout",
+                self.limits.stream_idle_timeout,
+            ),
+            ("limits.max_grpc_timeout", self.limits.max_grpc_timeout),
         ];
         for (key, value) in durations {
             if value.is_zero() || value > MAX_DURATION {
@@ -464,6 +543,9 @@ impl Config {
                 format!("must be between 1 and {MAX_POLICY_MEMORY_MIB} (a policy's 32-bit memory)"),
             ));
         }
+        if !(1..=1024).contains(&self.policy.max_size_mib) {
+            return fail("policy.max_size_mib".into(), "must be between 1 and 1024");
+        }
         if !(1..=MAX_POLICY_INSTANCES).contains(&self.policy.instances) {
             return Err((
                 "policy.instances".into(),
@@ -472,6 +554,22 @@ impl Config {
         }
         if self.policy.deadline > MAX_PICK_DEADLINE {
             return fail("policy.deadline".into(), "must be at most 1s");
+        }
+        let limits = &self.limits;
+        if limits.max_connection_age > MAX_DURATION {
+            return fail("limits.max_connection_age".into(), "must be at most 24h");
+        }
+        if limits.max_connections == 0 || limits.max_concurrent_streams == 0 {
+            return fail(
+                "limits".into(),
+                "max_connections and max_concurrent_streams must be at least 1",
+            );
+        }
+        if limits.max_header_list_bytes < 1024 {
+            return fail(
+                "limits.max_header_list_bytes".into(),
+                "must be at least 1024",
+            );
         }
         if self.outlier.max_ejection_percent > 100 {
             return fail("outlier.max_ejection_percent".into(), "must be at most 100");
@@ -504,6 +602,14 @@ impl Config {
                     key("policy"),
                     format!("policy {:?} needs [policy] dir or from_etcd", route.policy),
                 ));
+            }
+            for (field, value) in [
+                ("max_duration", route.max_duration),
+                ("stream_idle_timeout", route.stream_idle_timeout),
+            ] {
+                if value.is_some_and(|d| d.is_zero() || d > MAX_DURATION) {
+                    return fail(key(field), "must be above zero and at most 24h");
+                }
             }
             if self.routes[..i].iter().any(|r| r.path == route.path) {
                 return fail(key("match"), "the same match appears in an earlier route");

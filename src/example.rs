@@ -359,6 +359,11 @@ impl EchoBackend {
         self.stats.calls.load(Ordering::Relaxed)
     }
 
+    /// Calls being served now.
+    pub fn active(&self) -> u64 {
+        self.stats.active.load(Ordering::Relaxed)
+    }
+
     /// Closes the listener and every connection, as a crash would; returns
     /// once they are all closed.
     pub async fn kill(&self) {

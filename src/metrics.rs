@@ -167,6 +167,41 @@ impl ProxyMetrics {
     }
 }
 
+/// What the client listener records.
+#[derive(Clone, Debug, Default)]
+pub struct ClientConnMetrics {
+    /// Client connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
+    /// Connections the gateway ended, by reason (`handshake_timeout`,
+    /// `idle`, `max_age`).
+    pub closed: Family<ReasonLabel, Counter>,
+}
+
+impl ClientConnMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ClientConnMetrics::default();
+        let r = registry.sub_registry_with_prefix("weir_client");
+        r.register("connections", "client connections open", m.open.clone());
+        r.register(
+            "connections_refused",
+            "client connections closed at once: limits.max_connections were open",
+            m.refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "client connections the gateway ended, by reason",
+            m.closed.clone(),
+        );
+        m
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
 /// A counter family computed at scrape time from plain values.
 pub fn encode_counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder<'_>,
@@ -239,6 +274,8 @@ pub struct PolicyMetrics {
     /// Versions installed or refused.
     pub reloads: Family<PolicyResultLabels, Counter>,
     pub reverts: Family<PolicyLabel, Counter>,
+    /// Failing versions taken out of service with nothing to revert to.
+    pub disabled: Family<PolicyLabel, Counter>,
 }
 
 impl Default for PolicyMetrics {
@@ -249,6 +286,7 @@ impl Default for PolicyMetrics {
             faults: Family::default(),
             reloads: Family::default(),
             reverts: Family::default(),
+            disabled: Family::default(),
         }
     }
 }
@@ -282,6 +320,11 @@ impl PolicyMetrics {
             "failing versions reverted to their last good version",
             m.reverts.clone(),
         );
+        r.register(
+            "disabled",
+            "failing versions taken out of service with no earlier version to revert to",
+            m.disabled.clone(),
+        );
         m
     }
 
@@ -299,6 +342,14 @@ impl PolicyMetrics {
             .get_or_create(&PolicyResultLabels {
                 policy: policy.to_owned(),
                 result,
+            })
+            .inc();
+    }
+
+    pub fn disabled(&self, policy: &str) {
+        self.disabled
+            .get_or_create(&PolicyLabel {
+                policy: policy.to_owned(),
             })
             .inc();
     }

@@ -38,6 +38,8 @@ pub enum PolicyError {
     Trial(String),
     #[error("policy names are letters, digits, `-` and `_`: {0:?}")]
     Name(String),
+    #[error("the component is {size} bytes, over the {limit}-byte limit ([policy] max_size_mib)")]
+    TooLarge { size: usize, limit: usize },
 }
 
 impl PolicyError {

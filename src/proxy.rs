@@ -15,6 +15,7 @@ pub mod status;
 pub mod timeout;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -30,7 +31,7 @@ use crate::members::{CodeCounts, Member, Members};
 use crate::metrics::{encode_counters, CallLabels, ProxyMetrics, ServiceLabel};
 use crate::upstream::{h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody};
 
-use body::{Observed, ResponseBody};
+use body::{Idle, Observed, ResponseBody};
 use call::{AttemptRecord, CallRecord, Learner};
 use router::{split_path, Router};
 use services::{ServiceRuntime, ServiceRuntimes};
@@ -68,11 +69,30 @@ impl RetrySettings {
     }
 }
 
+/// Bounds on one call's time, whatever its client asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// No bytes moving either way this long ends a call (both sides).
+    pub stream_idle_timeout: Duration,
+    /// A `grpc-timeout` above this is clipped to it.
+    pub max_grpc_timeout: Duration,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            stream_idle_timeout: Duration::from_secs(300),
+            max_grpc_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// State every call shares.
 pub struct ProxyState {
     pub metrics: ProxyMetrics,
     pub backends: Arc<Backends>,
     outlier: OutlierSettings,
+    limits: CallLimits,
     /// Client-facing error messages may name backend addresses.
     name_backends: bool,
     /// Calls that matched no service, by code, and their durations.
@@ -85,6 +105,7 @@ impl ProxyState {
         metrics: ProxyMetrics,
         backends: Arc<Backends>,
         outlier: OutlierSettings,
+        limits: CallLimits,
         name_backends: bool,
     ) -> Self {
         let unrouted_latency = metrics
@@ -97,6 +118,7 @@ impl ProxyState {
             metrics,
             backends,
             outlier,
+            limits,
             name_backends,
             unrouted: CodeCounts::default(),
             unrouted_latency,
@@ -146,6 +168,9 @@ struct Target<'a> {
     /// Calls may be repeated after a backend was lost mid-call.
     idempotent: bool,
     options: Option<&'a Arc<RouteOptions>>,
+    /// The longest a call without `grpc-timeout` may last.
+    max_duration: Option<Duration>,
+    stream_idle_timeout: Duration,
 }
 
 /// What every attempt of a call sends.
@@ -154,6 +179,7 @@ struct CallParts<'a> {
     parts: &'a http::request::Parts,
     headers: &'a Arc<HeaderMap>,
     deadline: Option<Instant>,
+    stream_idle_timeout: Duration,
 }
 
 /// A backend's answer, with what must live as long as its body.
@@ -161,6 +187,9 @@ struct Answered {
     response: Response<Incoming>,
     attempt: AttemptRecord,
     deadline: Option<Instant>,
+    /// The request body (for its activity) and the idle bound.
+    request: ReplayBody,
+    stream_idle_timeout: Duration,
 }
 
 /// How one attempt on one backend ended. (Moved once per attempt: boxing
@@ -225,10 +254,13 @@ impl Proxy {
         let target = self.target(path, grpc_service)?;
         call.routed(&target.service);
         let name = &target.service.name;
+        // The client's deadline, clipped; else the route's longest call.
         let deadline = parts
             .headers
             .get("grpc-timeout")
             .and_then(timeout::parse)
+            .map(|d| d.min(self.state.limits.max_grpc_timeout))
+            .or(target.max_duration)
             .map(|d| call.started() + d);
         // Shared once, so a policy that reads headers does not copy them per pick.
         let headers = Arc::new(std::mem::take(&mut parts.headers));
@@ -251,6 +283,7 @@ impl Proxy {
             parts: &parts,
             headers: &headers,
             deadline,
+            stream_idle_timeout: target.stream_idle_timeout,
         };
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         loop {
@@ -303,6 +336,7 @@ impl Proxy {
             parts,
             headers,
             deadline,
+            stream_idle_timeout,
         } = *call;
         let deadline_exceeded = || {
             Attempt::Failed(ProxyError::DeadlineExceeded {
@@ -314,6 +348,7 @@ impl Proxy {
             backend: member.backend.addr.to_string(),
             cause,
         };
+        let request = body;
         let Some(body) = body.retry() else {
             // An earlier attempt sent more than can be replayed.
             return Attempt::Failed(upstream_error(
@@ -355,7 +390,17 @@ impl Proxy {
             call_started,
         );
         let mut sender = stream.sender.clone();
-        let sent = within(deadline, sender.send_request(upstream)).await;
+        let sent = tokio::select! {
+            sent = within(deadline, sender.send_request(upstream)) => sent,
+            _ = idle(request, stream_idle_timeout) => {
+                record.hold(stream.into_permit());
+                record.deadline_passed();
+                return Attempt::Failed(ProxyError::Idle {
+                    service: service.name.to_string(),
+                    after: stream_idle_timeout,
+                });
+            }
+        };
         match sent {
             None => {
                 record.hold(stream.into_permit());
@@ -375,10 +420,14 @@ impl Proxy {
             Some(Ok(response)) => {
                 record.hold(stream.into_permit());
                 record.answered();
+                // Answered: no attempt follows, nothing need be kept for one.
+                request.stop_keeping();
                 Attempt::Answered(Answered {
                     response,
                     attempt: record,
                     deadline,
+                    request: request.clone_handle(),
+                    stream_idle_timeout,
                 })
             }
             Some(Err(err)) => {
@@ -410,6 +459,17 @@ impl Proxy {
                 retries: route.retries,
                 idempotent: route.idempotent,
                 options: Some(&route.options),
+                max_duration: route.max_duration,
+                stream_idle_timeout: route
+                    .stream_idle_timeout
+                    .unwrap_or(self.state.limits.stream_idle_timeout),
+            });
+        }
+        if !self.services.is_ready() {
+            // Unknown yet, not unknown: no UNIMPLEMENTED before the first
+            // listing, and no state made for a name a client chose.
+            return Err(ProxyError::NotReady {
+                service: grpc_service.to_owned(),
             });
         }
         let service =
@@ -425,6 +485,8 @@ impl Proxy {
             retries: DEFAULT_RETRIES,
             idempotent: false,
             options: None,
+            max_duration: None,
+            stream_idle_timeout: self.state.limits.stream_idle_timeout,
         })
     }
 
@@ -488,6 +550,18 @@ fn check_grpc(parts: &http::request::Parts) -> Result<(), ProxyError> {
         return Err(ProxyError::NotGrpc("content-type is not application/grpc"));
     }
     Ok(())
+}
+
+/// Resolves once neither the client's request nor (before this is
+/// awaited again) anything else moved for `limit`.
+async fn idle(request: &ReplayBody, limit: Duration) {
+    loop {
+        let last = request.last_read();
+        tokio::time::sleep_until(last + limit).await;
+        if request.last_read() <= last {
+            return;
+        }
+    }
 }
 
 /// Runs `fut` until `deadline` (if any); `None` when the deadline passed.
@@ -563,6 +637,8 @@ fn respond(
         response,
         mut attempt,
         deadline,
+        request,
+        stream_idle_timeout,
     } = answered;
     let (mut parts, body) = response.into_parts();
     if parts.status != http::StatusCode::OK {
@@ -599,6 +675,7 @@ fn respond(
         ResponseBody::Upstream(Box::pin(Observed::new(
             body,
             deadline,
+            Idle::new(request, stream_idle_timeout),
             attempt,
             call,
             name_backends,

@@ -1,15 +1,11 @@
 //! `weir serve`: puts discovery, the upstreams and the proxy together behind
 //! the gRPC listener and the admin listener, and drains on shutdown.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,15 +13,16 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{Balancer, RoundRobin};
 use crate::config::{Config, RouteConfig};
 use crate::discovery::{self, EtcdConfig, ServiceTable};
-use crate::metrics::{DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
+use crate::metrics::{ClientConnMetrics, DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
 use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
-use crate::proxy::{CallCounts, Proxy, ProxyState, RetrySettings};
+use crate::proxy::{CallCounts, CallLimits, Proxy, ProxyState, RetrySettings};
 use crate::upstream::{
     health, BackendStats, Backends, HealthCheckSettings, OutlierSettings, PoolConfig,
 };
 
+mod conn;
 mod settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +39,6 @@ pub enum StartError {
     #[error("policies: {0}")]
     Policy(String),
 }
-
-/// How long a client may take to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long start-up waits for the first etcd listing before listening anyway.
 const STARTUP_WAIT: Duration = Duration::from_secs(10);
@@ -83,10 +77,15 @@ impl Gateway {
 
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
-        tasks.spawn(accept(
+        let limits = Arc::new(conn::ClientLimits::new(
+            &config.limits,
+            ClientConnMetrics::register(&mut registry),
+        ));
+        tasks.spawn(conn::accept(
             grpc.listener,
             tls,
             parts.proxy.clone(),
+            limits,
             connections.clone(),
             stop.clone(),
         ));
@@ -160,6 +159,7 @@ async fn start_data_path(
         proxy_metrics.clone(),
         backends.clone(),
         OutlierSettings::from(&config.outlier),
+        CallLimits::from(&config.limits),
         config.upstream.name_backends_in_errors,
     ));
     let services = Arc::new(ServiceRuntimes::new(
@@ -317,56 +317,4 @@ fn route_policy(policies: &PolicySet, route: &RouteConfig) -> Arc<dyn Balancer> 
         return Arc::new(RoundRobin::default());
     }
     policies.balancer(&route.policy)
-}
-
-async fn accept(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    proxy: Arc<Proxy>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    let serving = stop.clone();
-    crate::listener::accept_loop("grpc", listener, connections, stop, move |stream, peer| {
-        let (proxy, stop, tls) = (proxy.clone(), serving.clone(), tls.clone());
-        async move {
-            let Some(acceptor) = tls else {
-                return serve_connection(stream, proxy, stop).await;
-            };
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => serve_connection(tls_stream, proxy, stop).await,
-                Ok(Err(err)) => tracing::debug!(%peer, cause = %crate::errors::chain(&err), "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        }
-    })
-    .await;
-}
-
-async fn serve_connection<IO>(io: IO, proxy: Arc<Proxy>, stop: CancellationToken)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-    });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .max_concurrent_streams(1000)
-        .keep_alive_interval(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let outcome = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(err) = outcome {
-        tracing::debug!(cause = %crate::errors::chain(&err), "client connection ended with an error");
-    }
 }

@@ -17,8 +17,15 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
-/// Listing page size, in keys.
+/// Listing page size, in keys, to start with; halved while a page is too
+/// large to decode (values of up to etcd's request limit each).
 const LIST_PAGE: i64 = 1000;
+
+/// The largest response weir decodes from etcd: a page of one value of etcd's
+/// largest configurable request size, with room to spare. (The client's own
+/// default, 4 MiB, is below three 1.5 MiB values: a listing of a prefix
+/// holding those never completed.)
+const DECODE_LIMIT: usize = 64 << 20;
 
 /// A client for `endpoints`. Connection is lazy: this succeeds while etcd is down.
 ///
@@ -210,20 +217,25 @@ impl From<etcd_client::Error> for WatchError {
 
 enum Never {}
 
-/// Keeps `follower` in step with the keys under `prefix` until `cancel`.
+/// Keeps `follower` in step with the keys under `prefix` until `cancel`;
+/// keys under `prefix` + `exclude` are neither listed nor handed over
+/// (reserved names another follower reads).
 pub async fn follow<F: Follower>(
     client: Client,
     prefix: &str,
+    exclude: Option<&str>,
     settings: FollowSettings,
     follower: &F,
     cancel: &CancellationToken,
 ) {
+    let excluded = exclude.map(|e| format!("{prefix}{e}"));
+    let excluded = excluded.as_deref();
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut why_unpositioned = Relist::Start;
     loop {
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
-            ended = session(client.clone(), prefix, settings, follower, why_unpositioned, &mut backoff) => ended,
+            ended = session(client.clone(), prefix, excluded, settings, follower, why_unpositioned, &mut backoff) => ended,
         };
         let err = match ended {
             Ok(never) => match never {},
@@ -250,25 +262,44 @@ pub async fn follow<F: Follower>(
 async fn session<F: Follower>(
     mut client: Client,
     prefix: &str,
+    excluded: Option<&str>,
     settings: FollowSettings,
     follower: &F,
     why_unpositioned: Relist,
     backoff: &mut Backoff,
 ) -> Result<Never, WatchError> {
-    let start = resume_or_list(&mut client, prefix, settings, follower, why_unpositioned).await?;
+    let start = resume_or_list(
+        &mut client,
+        prefix,
+        excluded,
+        settings,
+        follower,
+        why_unpositioned,
+    )
+    .await?;
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(start)
         .with_progress_notify();
+    let mut watcher = client
+        .watch_client()
+        .max_decoding_message_size(DECODE_LIMIT);
     let stream = bounded(
         settings.request_timeout,
-        client.watch(prefix, Some(options)),
+        watcher.watch(prefix, Some(options)),
     )
     .await?;
     follower.watching(true);
     follower.heard();
     backoff.reset();
-    watch_events(stream, start, settings.progress_interval, follower).await
+    watch_events(
+        stream,
+        start,
+        excluded,
+        settings.progress_interval,
+        follower,
+    )
+    .await
 }
 
 /// The revision to watch from: right after the follower's position when
@@ -277,6 +308,7 @@ async fn session<F: Follower>(
 async fn resume_or_list<F: Follower>(
     client: &mut Client,
     prefix: &str,
+    excluded: Option<&str>,
     settings: FollowSettings,
     follower: &F,
     why_unpositioned: Relist,
@@ -288,7 +320,30 @@ async fn resume_or_list<F: Follower>(
         Some(at) => return Ok(at.revision + 1),
         None => why_unpositioned,
     };
-    let listed = list_at(client, prefix, now.revision, settings.request_timeout).await?;
+    let listed = match excluded {
+        None => list_at(client, prefix, now.revision, settings.request_timeout).await?,
+        Some(excluded) => {
+            // The two ranges around the excluded names, at one revision.
+            let mut before = list_range(
+                client,
+                prefix.as_bytes(),
+                excluded.as_bytes(),
+                now.revision,
+                settings.request_timeout,
+            )
+            .await?;
+            let after = list_range(
+                client,
+                &prefix_end(excluded.as_bytes()),
+                &prefix_end(prefix.as_bytes()),
+                now.revision,
+                settings.request_timeout,
+            )
+            .await?;
+            before.extend(after);
+            before
+        }
+    };
     tracing::info!(
         prefix,
         reason = reason.as_str(),
@@ -333,6 +388,7 @@ async fn probe(
 async fn watch_events<F: Follower>(
     stream: etcd_client::WatchStream,
     start: i64,
+    excluded: Option<&str>,
     progress_interval: Duration,
     follower: &F,
 ) -> Result<Never, WatchError> {
@@ -394,6 +450,9 @@ async fn watch_events<F: Follower>(
             .filter_map(|ev| {
                 let kv = ev.kv()?;
                 revision = revision.max(kv.mod_revision());
+                if excluded.is_some_and(|e| kv.key().starts_with(e.as_bytes())) {
+                    return None;
+                }
                 Some(match ev.event_type() {
                     EventType::Put => KvChange::Put {
                         key: kv.key(),
@@ -415,25 +474,52 @@ async fn watch_events<F: Follower>(
     }
 }
 
-/// Lists every key under `prefix` at `revision`, a page at a time, so a large
-/// fleet never needs one response bigger than the client's message limit.
+/// Lists every key under `prefix` at `revision`, a page at a time.
 pub async fn list_at(
     client: &mut Client,
     prefix: &str,
     revision: i64,
     timeout: Duration,
 ) -> Result<Vec<KeyValue>, EtcdError> {
-    let end = prefix_end(prefix.as_bytes());
-    let mut from = prefix.as_bytes().to_vec();
+    list_range(
+        client,
+        prefix.as_bytes(),
+        &prefix_end(prefix.as_bytes()),
+        revision,
+        timeout,
+    )
+    .await
+}
+
+/// Lists the keys in `[from, end)` at `revision`, a page at a time, so no
+/// response need be larger than the decode limit: a page too large to
+/// decode (big values) is asked for again at half the size.
+async fn list_range(
+    client: &Client,
+    from: &[u8],
+    end: &[u8],
+    revision: i64,
+    timeout: Duration,
+) -> Result<Vec<KeyValue>, EtcdError> {
+    let mut kv = client.kv_client().max_decoding_message_size(DECODE_LIMIT);
+    let mut from = from.to_vec();
+    let mut page = LIST_PAGE;
     let mut all = Vec::new();
     loop {
         let options = GetOptions::new()
-            .with_range(end.clone())
+            .with_range(end.to_vec())
             .with_revision(revision)
-            .with_limit(LIST_PAGE);
-        let mut page = bounded(timeout, client.get(from.clone(), Some(options))).await?;
-        let more = page.more();
-        let kvs = page.take_kvs();
+            .with_limit(page);
+        let mut resp = match bounded(timeout, kv.get(from.clone(), Some(options))).await {
+            Err(err) if page > 1 && too_large(&err) => {
+                page /= 2;
+                tracing::debug!(page, cause = %err, "etcd listing page too large; asking for fewer keys");
+                continue;
+            }
+            other => other?,
+        };
+        let more = resp.more();
+        let kvs = resp.take_kvs();
         let Some(last) = kvs.last() else { break };
         from = last.key().to_vec();
         from.push(0);
@@ -443,6 +529,17 @@ pub async fn list_at(
         }
     }
     Ok(all)
+}
+
+/// A response over the decode limit (or over etcd's own send limit).
+fn too_large(err: &EtcdError) -> bool {
+    let EtcdError::Request(etcd_client::Error::GRpcStatus(status)) = err else {
+        return false;
+    };
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) || status.message().contains("too large")
 }
 
 /// The first key after every key that starts with `prefix`.

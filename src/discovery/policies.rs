@@ -64,7 +64,7 @@ pub fn spawn_policy_watch(
     };
     let task = tokio::spawn(async move {
         let prefix = follower.prefix.clone();
-        etcd::follow(client, &prefix, settings, &follower, &cancel).await;
+        etcd::follow(client, &prefix, None, settings, &follower, &cancel).await;
     });
     (task, receiver)
 }

@@ -19,7 +19,9 @@ pub fn spawn_watch(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let prefix = table.prefix().to_owned();
-        etcd::follow(client, &prefix, config.follow, &*table, &cancel).await;
+        // Reserved names (`_policies/`, ...) are never services: not listed
+        // here, and their events not handed over.
+        etcd::follow(client, &prefix, Some("_"), config.follow, &*table, &cancel).await;
     })
 }
 

@@ -22,6 +22,8 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Long-lived instances per policy version (picks run on them in parallel).
     pub instances: usize,
+    /// The largest component accepted, checked before anything is compiled.
+    pub max_component_bytes: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +32,7 @@ impl Default for Limits {
             deadline: Duration::from_millis(1),
             memory_bytes: 8 << 20,
             instances: 4,
+            max_component_bytes: 32 << 20,
         }
     }
 }
@@ -53,6 +56,8 @@ pub struct PolicyEngine {
     /// Recently compiled components by digest: going back to a version (a
     /// revert, a re-publish) costs no compile. Bounded; oldest out first.
     compiled: std::sync::Mutex<std::collections::VecDeque<(String, Component)>>,
+    /// Held while a component compiles.
+    compiling: std::sync::Mutex<()>,
     linker: Linker<HostState>,
     pub limits: Limits,
     pub zone: Option<Arc<str>>,
@@ -82,6 +87,7 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             engine,
             compiled: Default::default(),
+            compiling: std::sync::Mutex::new(()),
             linker,
             limits,
             zone,
@@ -105,7 +111,17 @@ impl PolicyEngine {
 
     /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
     /// is one weir provides, and it exports `pick` with the right type.
+    /// Compiles and checks a component. One compile at a time, on the
+    /// caller's (blocking) thread: a pathological component delays only its
+    /// own install.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
+        if bytes.len() > self.limits.max_component_bytes {
+            return Err(PolicyError::TooLarge {
+                size: bytes.len(),
+                limit: self.limits.max_component_bytes,
+            });
+        }
+        let _one_at_a_time = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
         let digest = super::version::digest(bytes);
         let cached = {
             let cache = self.compiled.lock().expect("compile cache");

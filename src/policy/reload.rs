@@ -63,6 +63,19 @@ pub fn spawn_dir_watch(
                     );
                     continue;
                 }
+                let limit = set.engine().limits.max_component_bytes as u64;
+                if let Ok(meta) = tokio::fs::metadata(&path).await {
+                    if meta.len() > limit {
+                        let set = set.clone();
+                        let refused =
+                            tokio::task::spawn_blocking(move || set.install_file(&name, &path))
+                                .await;
+                        if let Ok(Err(err)) = refused {
+                            tracing::debug!(cause = %err, "policy file refused by size");
+                        }
+                        continue;
+                    }
+                }
                 let bytes = match tokio::fs::read(&path).await {
                     Ok(b) => b,
                     Err(err) => {
@@ -100,8 +113,18 @@ pub fn spawn_etcd_consumer(
         // newer file version nor bring back a version reverted here. A new
         // put of the same bytes has a new revision: it is tried again.
         let mut settled: HashMap<String, (u64, i64)> = HashMap::new();
+        let mut before: Published = Published::default();
         loop {
             let latest = published.borrow_and_update().clone();
+            for (key, gone) in before.iter().filter(|(k, _)| !latest.contains_key(*k)) {
+                let (set, name, key) = (set.clone(), gone.name.clone(), key.clone());
+                settled.remove(&key);
+                let removal = tokio::task::spawn_blocking(move || set.remove(&name, &key));
+                if let Err(err) = removal.await {
+                    tracing::error!(cause = %err, "policy removal task failed");
+                }
+            }
+            before = latest.clone();
             for update in latest.values() {
                 if settled.get(&update.key) == Some(&update.publication) {
                     continue;

@@ -92,10 +92,22 @@ impl PolicySet {
     }
 
     pub fn install_file(&self, name: &str, path: &Path) -> Result<Arc<PolicyVersion>, PolicyError> {
-        let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        });
+        let limit = self.engine.limits.max_component_bytes;
+        let bytes = std::fs::metadata(path)
+            .and_then(|m| {
+                if m.len() > limit as u64 {
+                    return Ok(Err(PolicyError::TooLarge {
+                        size: usize::try_from(m.len()).unwrap_or(usize::MAX),
+                        limit,
+                    }));
+                }
+                std::fs::read(path).map(Ok)
+            })
+            .map_err(|source| PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            })
+            .and_then(|read| read);
         match bytes {
             Ok(bytes) => self.install(name, &bytes, path.display().to_string()),
             Err(err) => Err(self.failed(name, err)),
@@ -146,6 +158,29 @@ impl PolicySet {
                 .expect("last error") = Some(err.to_string());
         }
         err
+    }
+
+    /// Takes `name`'s version out of service when it came from `source`
+    /// (its etcd key was deleted): calls on its routes use the native
+    /// round-robin until a version is published again.
+    pub fn remove(&self, name: &str, source: &str) {
+        let Some(policy) = self.policy(name) else {
+            return;
+        };
+        let current = policy.current();
+        if current.as_ref().is_none_or(|v| v.source != source) {
+            return; // served from elsewhere (a file): not this key's to remove
+        }
+        policy.current.store(None);
+        policy.last_good.store(None);
+        *policy.last_error.lock().expect("last error") =
+            Some(format!("removed: {source} was deleted"));
+        self.metrics.reload(name, "removed");
+        tracing::info!(
+            policy = name,
+            key = source,
+            "policy removed: its etcd key was deleted; its routes use round-robin"
+        );
     }
 
     pub fn policy(&self, name: &str) -> Option<Arc<NamedPolicy>> {
@@ -313,24 +348,37 @@ impl Balancer for WasmBalancer {
 }
 
 impl WasmBalancer {
+    /// Puts the last good version back; with none to go back to, takes the
+    /// failing one out of service (calls use the native round-robin).
     fn revert(&self, failing: &Arc<PolicyVersion>, fault: &super::version::Fault) {
-        let Some(good) = self.policy.last_good.load_full() else {
-            return;
-        };
+        let good = self.policy.last_good.load_full();
         let swapped = self
             .policy
             .current
-            .compare_and_swap(&Some(failing.clone()), Some(good.clone()));
-        if swapped
+            .compare_and_swap(&Some(failing.clone()), good.clone());
+        if !swapped
             .as_ref()
             .is_some_and(|cur| Arc::ptr_eq(cur, failing))
         {
-            self.metrics.reverted(&self.policy.name);
-            *self.policy.last_error.lock().expect("last error") = Some(format!(
-                "version {} reverted after repeated faults in a row (last: {fault})",
-                failing.digest
-            ));
-            tracing::warn!(policy = %self.policy.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");
+            return; // another pick got there first, or a new version arrived
+        }
+        match good {
+            Some(good) => {
+                self.metrics.reverted(&self.policy.name);
+                *self.policy.last_error.lock().expect("last error") = Some(format!(
+                    "version {} reverted after repeated faults in a row (last: {fault})",
+                    failing.digest
+                ));
+                tracing::warn!(policy = %self.policy.name, failing = %failing.digest, restored = %good.digest, "policy keeps failing: reverted to its last good version");
+            }
+            None => {
+                self.metrics.disabled(&self.policy.name);
+                *self.policy.last_error.lock().expect("last error") = Some(format!(
+                    "version {} disabled after repeated faults in a row, with no earlier version to go back to (last: {fault}); calls use round-robin",
+                    failing.digest
+                ));
+                tracing::warn!(policy = %self.policy.name, failing = %failing.digest, "policy keeps failing and has no earlier version: disabled, its routes use round-robin");
+            }
         }
     }
 }

@@ -9,11 +9,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use super::call::{AttemptRecord, CallRecord};
 use super::status;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, ReplayBody};
 
 pin_project_lite::pin_project! {
     /// A backend's response body on its way to the client: records the
@@ -24,6 +26,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         deadline: Option<Pin<Box<Sleep>>>,
+        idle: Idle,
         attempt: AttemptRecord,
         call: CallRecord,
         // Client-facing messages may name the backend.
@@ -36,6 +39,7 @@ impl Observed {
     pub fn new(
         inner: Incoming,
         deadline: Option<Pin<Box<Sleep>>>,
+        idle: Idle,
         attempt: AttemptRecord,
         call: CallRecord,
         name_backends: bool,
@@ -43,11 +47,50 @@ impl Observed {
         Observed {
             inner,
             deadline,
+            idle,
             attempt,
             call,
             name_backends,
             done: false,
         }
+    }
+}
+
+/// The stream idle timeout of one call: no bytes moving either way (the
+/// response here, the request in its `ReplayBody`) for `limit`. One timer,
+/// re-armed only when it fires, not per frame.
+pub struct Idle {
+    request: ReplayBody,
+    limit: Duration,
+    last_response: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Idle {
+    pub fn new(request: ReplayBody, limit: Duration) -> Self {
+        let now = Instant::now();
+        Idle {
+            request,
+            limit,
+            last_response: now,
+            timer: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+
+    fn moved(&mut self) {
+        self.last_response = Instant::now();
+    }
+
+    /// True once the call has been idle for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let last = self.last_response.max(self.request.last_read());
+            if last.elapsed() >= self.limit {
+                return true;
+            }
+            self.timer.as_mut().reset(last + self.limit);
+        }
+        false
     }
 }
 
@@ -91,9 +134,24 @@ impl Body for Observed {
                 )))));
             }
         }
+        if this.idle.poll_expired(cx) {
+            *this.done = true;
+            this.attempt.set_status(status::DEADLINE_EXCEEDED);
+            this.call.set_status(status::DEADLINE_EXCEEDED);
+            let msg = format!(
+                "no bytes moved for {:?} (the stream idle timeout) while {} streamed the response",
+                this.idle.limit,
+                which_backend(this.attempt, *this.name_backends)
+            );
+            return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
+                status::DEADLINE_EXCEEDED,
+                &msg,
+            )))));
+        }
         match this.inner.poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.moved();
                 if let Some(t) = frame.trailers_ref() {
                     let code = status::code_of(t).unwrap_or(status::UNKNOWN);
                     this.attempt.set_status(code);

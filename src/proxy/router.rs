@@ -17,6 +17,10 @@ pub struct Route {
     pub retries: u32,
     pub idempotent: bool,
     pub options: Arc<RouteOptions>,
+    /// The longest a call without `grpc-timeout` may last.
+    pub max_duration: Option<std::time::Duration>,
+    /// Overrides the gateway's stream idle timeout.
+    pub stream_idle_timeout: Option<std::time::Duration>,
 }
 
 pub struct Router {
@@ -41,6 +45,8 @@ impl Router {
                 retries: r.retries,
                 idempotent: r.idempotent,
                 options: Arc::new(r.options.clone()),
+                max_duration: r.max_duration,
+                stream_idle_timeout: r.stream_idle_timeout,
             });
             if r.path.ends_with('/') {
                 prefixes.push(route);

@@ -123,15 +123,11 @@ impl ServiceRuntimes {
         self.table.is_ready()
     }
 
-    /// The runtime of a service etcd knows, or `None`.
+    /// The runtime of a service etcd knows, or `None`. Only names etcd
+    /// lists make state (and metric series): never a name a client chose.
     pub fn known(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
         if let Some(rt) = self.map.load().get(name) {
             return Some(rt.clone());
-        }
-        if !self.table.is_ready() {
-            // Unknown yet, not unknown: a route-less call must not get UNIMPLEMENTED
-            // just because the first listing has not arrived.
-            return Some(self.create(name));
         }
         self.table.get(name)?;
         Some(self.create(name))

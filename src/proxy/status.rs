@@ -115,6 +115,11 @@ pub enum ProxyError {
     },
     #[error("deadline exceeded at the gateway before {service:?} answered")]
     DeadlineExceeded { service: String },
+    #[error("service {service:?}: no bytes moved for {after:?} (the stream idle timeout)")]
+    Idle {
+        service: String,
+        after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -126,7 +131,7 @@ impl ProxyError {
             | ProxyError::NotReady { .. }
             | ProxyError::Unreachable { .. }
             | ProxyError::Upstream { .. } => UNAVAILABLE,
-            ProxyError::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
+            ProxyError::DeadlineExceeded { .. } | ProxyError::Idle { .. } => DEADLINE_EXCEEDED,
         }
     }
 

@@ -2,12 +2,13 @@
 //! place where `config` sections meet the types that discovery, upstream,
 //! the proxy and the policy host take.
 
+use crate::config::LimitsSection;
 use crate::config::{
     Config, HealthCheckSection, OutlierSection, PolicySection, RetrySection, UpstreamSection,
 };
 use crate::discovery::{EtcdConfig, LeasePollConfig};
 use crate::policy::Limits;
-use crate::proxy::RetrySettings;
+use crate::proxy::{CallLimits, RetrySettings};
 use crate::upstream::{HealthCheckSettings, OutlierSettings, PoolConfig};
 
 impl From<&Config> for EtcdConfig {
@@ -71,6 +72,15 @@ impl From<&RetrySection> for RetrySettings {
     }
 }
 
+impl From<&LimitsSection> for CallLimits {
+    fn from(section: &LimitsSection) -> Self {
+        CallLimits {
+            stream_idle_timeout: section.stream_idle_timeout,
+            max_grpc_timeout: section.max_grpc_timeout,
+        }
+    }
+}
+
 impl From<&PolicySection> for Limits {
     fn from(section: &PolicySection) -> Self {
         Limits {
@@ -78,6 +88,7 @@ impl From<&PolicySection> for Limits {
             // Bounded by the config check, so the shift cannot overflow.
             memory_bytes: section.memory_mib << 20,
             instances: section.instances,
+            max_component_bytes: section.max_size_mib << 20,
         }
     }
 }
@@ -141,5 +152,9 @@ mod tests {
         assert_eq!(limits.deadline, Limits::default().deadline);
         assert_eq!(limits.memory_bytes, Limits::default().memory_bytes);
         assert_eq!(limits.instances, Limits::default().instances);
+        assert_eq!(
+            limits.max_component_bytes,
+            Limits::default().max_component_bytes
+        );
     }
 }

@@ -94,6 +94,11 @@ pub enum PoolError {
 
 pub type Sender = SendRequest<ReplayBody>;
 
+/// Per-stream receive window toward backends (Envoy's edge guidance).
+const STREAM_WINDOW: u32 = 64 << 10;
+/// HTTP/2's largest window.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// One HTTP/2 connection and what the pool knows of it.
 struct Conn {
     sender: Sender,
@@ -485,8 +490,15 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
     let (tap, settings_seen) = FrameTap::new(stream, going_away.clone());
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
+        // A stream holds at most this much a slow client has not taken; the
+        // connection's window covers every stream's, so unread streams never
+        // stall the others on the connection.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(
+            STREAM_WINDOW
+                .saturating_mul(config.max_streams_per_connection)
+                .min(MAX_WINDOW),
+        )
         // Until the backend's SETTINGS say otherwise (no limit, if they say nothing).
         .initial_max_send_streams(config.max_streams_per_connection as usize)
         .keep_alive_interval(keepalive)

@@ -28,6 +28,8 @@ struct ReplayState {
     ended: bool,
     /// Only the newest attempt may read on from the client.
     attempt: u32,
+    /// When a frame last came from the client (for the stream idle timeout).
+    last_read: tokio::time::Instant,
 }
 
 /// A client's request body, shared by the attempts of one call. Each attempt
@@ -50,6 +52,7 @@ impl ReplayBody {
             trailers: None,
             ended: false,
             attempt: 0,
+            last_read: tokio::time::Instant::now(),
         })
     }
 
@@ -63,6 +66,7 @@ impl ReplayBody {
             trailers: None,
             ended: true,
             attempt: 0,
+            last_read: tokio::time::Instant::now(),
         })
     }
 
@@ -73,6 +77,30 @@ impl ReplayBody {
             pos: 0,
             sent_trailers: false,
         }
+    }
+
+    /// Another handle on the same request, for watching it (not for sending).
+    pub fn clone_handle(&self) -> ReplayBody {
+        ReplayBody {
+            state: self.state.clone(),
+            attempt: u32::MAX,
+            pos: 0,
+            sent_trailers: true,
+        }
+    }
+
+    /// When a frame last came from the client.
+    pub fn last_read(&self) -> tokio::time::Instant {
+        self.state.lock().expect("replay state poisoned").last_read
+    }
+
+    /// No attempt will follow (a backend answered): what was kept for one
+    /// is let go.
+    pub fn stop_keeping(&self) {
+        let mut state = self.state.lock().expect("replay state poisoned");
+        state.overflowed = true;
+        state.kept = Vec::new();
+        state.kept_bytes = 0;
     }
 
     /// A body for the next attempt, or `None` once too much was sent to replay.
@@ -130,6 +158,7 @@ impl Body for ReplayBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(Some(Ok(frame))) => {
+                state.last_read = tokio::time::Instant::now();
                 if let Some(data) = frame.data_ref() {
                     if !state.overflowed && state.kept_bytes + data.len() <= REPLAY_LIMIT {
                         state.kept_bytes += data.len();

@@ -221,6 +221,9 @@ async fn a_backend_limited_to_10_streams_does_not_hold_up_a_plain_call() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await; // all 100 reach the backend
+                                                          // Another client (its own connection: the gateway gives each client
+                                                          // connection 100 streams, and the long calls hold them).
+    let mut c = EchoClient::new(channel(&env).await);
     let began = Instant::now();
     let mut plain = Request::new(req("plain"));
     plain.set_timeout(Duration::from_secs(1));

@@ -4,6 +4,7 @@ mod demo;
 mod discovery;
 mod grpcio;
 mod guide;
+mod hostile;
 mod policy;
 mod proxy;
 mod python;
