@@ -60,11 +60,24 @@ pub const REVERT_AFTER: u32 = 10;
 /// (a policy that really loops) reverts a version.
 pub const REVERT_AFTER_DEADLINES: u32 = 100;
 
+/// How often an instance's place may be refilled after a trap: a policy that
+/// traps on every pick costs at most one instantiation per this, per place.
+const REFILL_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// One long-lived instance's place.
 struct Instance {
     live: Mutex<Option<Live>>,
     /// Someone is making this place's instance (off its lock).
     refilling: AtomicBool,
+    /// When the place was last refilled (ms on the process clock).
+    refilled_at_ms: AtomicU64,
+}
+
+/// Milliseconds since the first call, from 1.
+fn clock_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    origin.elapsed().as_millis() as u64 + 1
 }
 
 struct Live {
@@ -121,6 +134,7 @@ impl PolicyVersion {
                 .map(|_| Instance {
                     live: Mutex::new(None),
                     refilling: AtomicBool::new(false),
+                    refilled_at_ms: AtomicU64::new(0),
                 })
                 .collect(),
             picks: AtomicU64::new(0),
@@ -255,9 +269,14 @@ impl PolicyVersion {
                 return Ok(guard);
             }
             drop(guard);
+            let last = instance.refilled_at_ms.load(Ordering::Relaxed);
+            if last != 0 && clock_ms() < last + REFILL_EVERY.as_millis() as u64 {
+                continue; // refilled moments ago and trapped again: not yet
+            }
             if instance.refilling.swap(true, Ordering::AcqRel) {
                 continue; // another pick is making it
             }
+            instance.refilled_at_ms.store(clock_ms(), Ordering::Relaxed);
             let made = self.instantiate(engine);
             // Others only try this lock, and let go at once while it is empty.
             let mut guard = instance.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -324,12 +343,11 @@ fn classify(err: &wasmtime::Error) -> Fault {
     Fault::Trap(format!("{cause}{frame}").chars().take(300).collect())
 }
 
-/// FNV-1a of the bytes, as 16 hex digits.
+/// The identity of a component: SHA-256 of its bytes, in hex. (It keys the
+/// compile cache: a weak hash would let a colliding component be served
+/// in place of another.)
 pub fn digest(bytes: &[u8]) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(bytes);
+    hash.iter().map(|b| format!("{b:02x}")).collect()
 }
