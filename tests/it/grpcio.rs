@@ -93,6 +93,15 @@ async fn channel(env: &Env) -> Channel {
         .expect("connect to the gateway")
 }
 
+/// A `grpc.health.v1.Health/Watch` through the gateway.
+async fn open_watch(env: &Env) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    HealthClient::new(channel(env).await)
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("watch starts")
+        .into_inner()
+}
+
 const HEALTH_ROUTE: &str = "[[route]]\nmatch = \"/grpc.health.v1.Health/\"\nservice = \"py\"\n";
 const ECHO_ROUTE: &str = "[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"py\"\n";
 
@@ -106,12 +115,7 @@ async fn a_quiet_health_watch_through_weir_lives_two_minutes() {
     let env = Env::start(0, &format!("enabled = false\n{HEALTH_ROUTE}")).await;
     let _py = GrpcioBackend::start(&env, "py", "py-watch", &[]).await;
     env.wait_endpoints("py", 1).await;
-    let mut health = HealthClient::new(channel(&env).await);
-    let mut watch = health
-        .watch(HealthCheckRequest::default())
-        .await
-        .expect("watch starts")
-        .into_inner();
+    let mut watch = open_watch(&env).await;
     let first = watch
         .message()
         .await
@@ -145,12 +149,7 @@ async fn a_goaway_enhance_your_calm_makes_weir_ping_that_backend_less() {
     .await;
     let py = GrpcioBackend::start(&env, "py", "py-calm", &[]).await;
     env.wait_endpoints("py", 1).await;
-    let mut health = HealthClient::new(channel(&env).await);
-    let mut watch = health
-        .watch(HealthCheckRequest::default())
-        .await
-        .expect("watch starts")
-        .into_inner();
+    let mut watch = open_watch(&env).await;
     watch.message().await.expect("first answer");
     let admin = env.gateway().admin_addr;
     let addr = py.addr.to_string();

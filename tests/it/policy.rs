@@ -365,6 +365,24 @@ mod through_the_gateway {
         )
     }
 
+    /// A condition for `eventually`: policy `name` serves the version `want`.
+    fn serving_digest(
+        policies: &std::sync::Arc<weir::policy::PolicySet>,
+        name: &'static str,
+        want: String,
+    ) -> impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+        let policies = policies.clone();
+        move || {
+            let (policies, want) = (policies.clone(), want.clone());
+            Box::pin(async move {
+                policies
+                    .policy(name)
+                    .and_then(|p| p.current())
+                    .is_some_and(|v| v.digest == want)
+            })
+        }
+    }
+
     fn builtins() -> std::path::PathBuf {
         policy_file("testing").parent().unwrap().to_owned()
     }
@@ -502,18 +520,7 @@ mod through_the_gateway {
                 .unwrap();
         }
         let policies = env.gateway().policies.clone();
-        let serving = |want: String| {
-            let policies = policies.clone();
-            move || {
-                let (policies, want) = (policies.clone(), want.clone());
-                async move {
-                    policies
-                        .policy("wiped")
-                        .and_then(|p| p.current())
-                        .is_some_and(|v| v.digest == want)
-                }
-            }
-        };
+        let serving = |want: String| serving_digest(&policies, "wiped", want);
         eventually(
             "the first version is installed",
             Duration::from_secs(10),
@@ -546,18 +553,7 @@ mod through_the_gateway {
         let testing = std::fs::read(policy_file("testing")).unwrap();
         let mut etcd = client(&env.etcd).await;
         let policies = env.gateway().policies.clone();
-        let serving = |want: String| {
-            let policies = policies.clone();
-            move || {
-                let (policies, want) = (policies.clone(), want.clone());
-                async move {
-                    policies
-                        .policy("flaky")
-                        .and_then(|p| p.current())
-                        .is_some_and(|v| v.digest == want)
-                }
-            }
-        };
+        let serving = |want: String| serving_digest(&policies, "flaky", want);
         for bytes in [&good, &testing] {
             etcd.put(key.as_str(), bytes.clone(), None).await.unwrap();
             eventually(

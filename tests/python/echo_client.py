@@ -6,26 +6,10 @@ call kind, metadata and trailers, an error with details, a deadline, and a
 
 usage: echo_client.py HOST:PORT PROTO_DIR
 """
-import importlib
-import os
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
-
-
-def load_stubs(proto_dir):
-    out = tempfile.mkdtemp(prefix="weir-py-")
-    rc = protoc.main([
-        "protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-        os.path.join(proto_dir, "weir/example/v1/echo.proto"),
-    ])
-    if rc != 0:
-        sys.exit(f"protoc failed ({rc})")
-    sys.path.insert(0, out)
-    return (importlib.import_module("weir.example.v1.echo_pb2"),
-            importlib.import_module("weir.example.v1.echo_pb2_grpc"))
+from stubs import load_stubs
 
 
 def main():

@@ -10,32 +10,15 @@ GOAWAY, then up to --grace seconds for calls in flight, then exits.
 usage: echo_server.py PROTO_DIR NAME [--port N] [--max-concurrent-streams N] [--grace S]
 """
 import argparse
-import importlib
-import os
 import signal
-import sys
-import tempfile
 import threading
 import time
 from concurrent import futures
 
 import grpc
-from grpc_tools import protoc
+from stubs import load_stubs
 
 SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse{status: SERVING}
-
-
-def load_stubs(proto_dir):
-    out = tempfile.mkdtemp(prefix="weir-py-server-")
-    rc = protoc.main([
-        "protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-        os.path.join(proto_dir, "weir/example/v1/echo.proto"),
-    ])
-    if rc != 0:
-        sys.exit(f"protoc failed ({rc})")
-    sys.path.insert(0, out)
-    return (importlib.import_module("weir.example.v1.echo_pb2"),
-            importlib.import_module("weir.example.v1.echo_pb2_grpc"))
 
 
 def main():
