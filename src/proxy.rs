@@ -401,13 +401,17 @@ impl Proxy {
                 });
             }
         };
+        let refused = match &sent {
+            Some(Ok(response)) => refused_while_going_away(response, &stream).await,
+            _ => false,
+        };
         match sent {
             None => {
                 record.hold(stream.into_permit());
                 record.deadline_passed();
                 deadline_exceeded()
             }
-            Some(Ok(response)) if refused_while_going_away(&response, &stream) => {
+            Some(Ok(response)) if refused => {
                 // C-core answers so the calls it had received but not yet
                 // handed to the application when it began to shut down.
                 let code = status::code_of(response.headers()).unwrap_or(status::UNAVAILABLE);
@@ -590,17 +594,35 @@ fn upstream_uri(addr: &str, original: &http::Uri) -> http::Uri {
 /// calls it had not started (gRPC C-core does so for calls not yet handed
 /// to the application). The GOAWAY's bytes precede these on the wire, so
 /// the connection is known to be going away by the time they are read.
-fn refused_while_going_away(
+///
+/// C-core may cancel those calls a moment before its GOAWAY is on the wire,
+/// so a trailers-only CANCELLED (which a server answers a call it never
+/// started, and rarely otherwise) waits briefly for the GOAWAY to be read.
+async fn refused_while_going_away(
     response: &Response<Incoming>,
     stream: &crate::upstream::Stream,
 ) -> bool {
-    response.status() == http::StatusCode::OK
-        && matches!(
-            status::code_of(response.headers()),
-            Some(status::CANCELLED | status::UNAVAILABLE)
-        )
-        && stream.is_going_away()
+    if response.status() != http::StatusCode::OK {
+        return false;
+    }
+    match status::code_of(response.headers()) {
+        Some(status::UNAVAILABLE) => stream.is_going_away(),
+        Some(status::CANCELLED) => {
+            let until = Instant::now() + GOAWAY_GRACE;
+            while !stream.is_going_away() {
+                if Instant::now() >= until {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            true
+        }
+        _ => false,
+    }
 }
+
+/// How long a trailers-only CANCELLED waits for its backend's GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_millis(50);
 
 /// Why a backend cannot have processed a request it was sent.
 enum Refusal {

@@ -427,8 +427,9 @@ async fn a_frozen_member_is_left_for_another_and_nothing_written_meanwhile_is_mi
     let mut etcd = Etcd::start_cluster(3);
     let mut config = EtcdConfig::new(etcd.endpoints(), PREFIX);
     config.follow.progress_interval = Duration::from_secs(1);
-    config.follow.request_timeout = Duration::from_secs(2);
-    config.follow.backoff_max = Duration::from_millis(500);
+    // Requests that land on the frozen member give up quickly.
+    config.follow.request_timeout = Duration::from_secs(1);
+    config.follow.backoff_max = Duration::from_millis(200);
     let d = Discovery::start_with(config).await;
     d.wait("first listing", |t| t.is_ready()).await;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -494,3 +494,66 @@ async fn deleting_a_policys_etcd_key_removes_it() {
         c.unary(req("x")).await.expect("round-robin serves");
     }
 }
+
+/// A connection older than `max_connection_age` is drained with GOAWAY,
+/// even while its client keeps it busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_connection_is_drained_with_goaway() {
+    let env = Env::start(
+        1,
+        &format!("[limits]\nmax_connection_age = \"1s\"\n{ROUTE}"),
+    )
+    .await;
+    let (mut send, conn) = h2_client(env.gateway().grpc_addr).await;
+    let began = Instant::now();
+    let mut served = 0;
+    while began.elapsed() < Duration::from_secs(10) {
+        let Ok(ready) = send.ready().await else { break };
+        send = ready;
+        let Ok((resp, mut body)) =
+            send.send_request(grpc_request("/weir.example.v1.Echo/Unary"), false)
+        else {
+            break;
+        };
+        body.send_data(frame(&encode(&req("busy"))), true).unwrap();
+        match resp.await {
+            Ok(r) if r.status() == 200 => served += 1,
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served > 0);
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "the connection was drained");
+    assert!(began.elapsed() < Duration::from_secs(10));
+    let (_, m) = admin_get(env.gateway().admin_addr, "/metrics").await;
+    assert!(
+        m.contains("weir_client_connections_closed_total{reason=\"max_age\"} 1"),
+        "{m}"
+    );
+}
+
+/// A route's `max_duration` bounds calls that carry no `grpc-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_max_duration_bounds_calls_without_a_deadline() {
+    let env = Env::start(1, &format!("{ROUTE}max_duration = \"1s\"\n")).await;
+    let began = Instant::now();
+    let reply = raw_call(
+        env.gateway().grpc_addr,
+        "POST",
+        "/weir.example.v1.Echo/Unary",
+        &[("content-type", "application/grpc")],
+        &[&encode(&EchoRequest {
+            delay_ms: 20_000,
+            ..req("long")
+        })],
+    )
+    .await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(4),
+        "DEADLINE_EXCEEDED: {}",
+        reply.grpc_message()
+    );
+    assert!(began.elapsed() < Duration::from_secs(10));
+}
