@@ -29,7 +29,7 @@ deps:
 # Policies written in C (clang for wasm32 + wasi-libc for malloc). weir-wit-c
 # writes their bindings and makes the component: the wit-bindgen and
 # wit-component crates as a small host tool, quicker to build than the CLIs.
-C_POLICY_NAMES := least-conn-c
+C_POLICY_NAMES := least-conn-c heavy-c
 WIT_C := tools/wit-c/target/release/weir-wit-c
 $(WIT_C): tools/wit-c/Cargo.toml tools/wit-c/Cargo.lock tools/wit-c/src/main.rs
 	$(CARGO) build --locked --release --manifest-path tools/wit-c/Cargo.toml

@@ -193,6 +193,7 @@ fn run(
         members,
         candidates,
         options: None,
+        hidden_headers: weir::balance::HiddenHeaders::sensitive(),
     };
     b.pick(&ctx).unwrap_or(0)
 }

@@ -29,6 +29,41 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub policies: Arc<crate::policy::PolicySet>,
     pub config: Arc<Config>,
+    /// SHA-256 of the bearer token every request must carry
+    /// (`admin_token_file`); none required when unset.
+    pub token: Option<[u8; 32]>,
+}
+
+/// Reads `admin_token_file`: the token is its content, trimmed.
+pub fn read_token(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin_token_file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(format!(
+            "admin_token_file {}: the token must be at least 16 characters",
+            path.display()
+        ));
+    }
+    Ok(sha256(token.as_bytes()))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
+/// Whether `req` carries the admin token. Digests are compared, so the
+/// time taken says nothing of how much of a guess was right.
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+    let Some(want) = &state.token else {
+        return true;
+    };
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| sha256(given.trim().as_bytes()) == *want)
 }
 
 /// Serves admin requests until `cancel`; connections are tasks of `tasks`
@@ -66,6 +101,27 @@ pub async fn serve(
 }
 
 fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(state, &req) {
+        let mut denied = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "an admin token is required: Authorization: Bearer <the token of admin_token_file>\n"
+                .into(),
+        );
+        denied.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return denied;
+    }
+    // Every view only reads: nothing here changes the gateway's state.
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "the admin listener only answers GET\n".into(),
+        );
+    }
     match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();

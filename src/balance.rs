@@ -23,6 +23,43 @@ pub struct PickContext<'a> {
     pub candidates: &'a [usize],
     /// The matched route's `[route.options]` (none for unrouted calls).
     pub options: Option<&'a Arc<RouteOptions>>,
+    /// Request headers the policy may not read.
+    pub hidden_headers: &'a Arc<HiddenHeaders>,
+}
+
+/// Request headers a policy may not read (`call.header` answers none):
+/// credentials by default, plus a route's `hide_headers`, less its
+/// `expose_headers`. Names are lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HiddenHeaders(Vec<String>);
+
+/// Hidden unless a route exposes them: they carry credentials.
+pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+impl HiddenHeaders {
+    pub fn for_route(hide: &[String], expose: &[String]) -> HiddenHeaders {
+        let exposed: Vec<String> = expose.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let mut hidden: Vec<String> = SENSITIVE_HEADERS
+            .iter()
+            .map(|h| (*h).to_owned())
+            .chain(hide.iter().map(|h| h.to_ascii_lowercase()))
+            .filter(|h| !exposed.contains(h))
+            .collect();
+        hidden.sort();
+        hidden.dedup();
+        HiddenHeaders(hidden)
+    }
+
+    /// The default set, for calls no route matched.
+    pub fn sensitive() -> &'static Arc<HiddenHeaders> {
+        static SENSITIVE: std::sync::OnceLock<Arc<HiddenHeaders>> = std::sync::OnceLock::new();
+        SENSITIVE.get_or_init(|| Arc::new(HiddenHeaders::for_route(&[], &[])))
+    }
+
+    /// Whether `name` (lower case) is hidden.
+    pub fn hides(&self, name: &str) -> bool {
+        self.0.iter().any(|h| h == name)
+    }
 }
 
 /// A route's settings for its policy: `[route.options]` in the config.

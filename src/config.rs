@@ -33,6 +33,10 @@ pub struct Config {
     /// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, JSON views).
     #[serde(default = "defaults::admin")]
     pub admin: SocketAddr,
+    /// A file holding the bearer token every admin request must carry
+    /// (`Authorization: Bearer <token>`); none required when unset.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     /// Runtime worker threads; 0 = one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
@@ -119,6 +123,14 @@ pub struct PolicySection {
     /// The largest policy component accepted (file or etcd), in MiB.
     #[serde(default = "defaults::policy_max_size_mib")]
     pub max_size_mib: usize,
+    /// Policy names taken from etcd: `name` or `prefix-*`; every name when
+    /// unset.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// `ed25519:BASE64` public keys; when set, a component (etcd or the
+    /// directory) is installed only with a valid signature by one of them.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -253,6 +265,13 @@ pub struct RouteConfig {
     /// Overrides `[limits] stream_idle_timeout` for this route.
     #[serde(default, with = "humantime_serde")]
     pub stream_idle_timeout: Option<Duration>,
+    /// Request headers the route's policy may not read, beside
+    /// `authorization`, `cookie` and `proxy-authorization`.
+    #[serde(default)]
+    pub hide_headers: Vec<String>,
+    /// Headers hidden by default that the route's policy may read.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
 }
 
 mod defaults {

@@ -99,6 +99,21 @@ enum PolicyCommand {
         #[arg(long = "meta", value_parser = parse_endpoint_meta)]
         meta: Vec<(usize, String, String)>,
     },
+    /// Make a signing key: writes the secret key to --out (mode 0600) and
+    /// prints the public key for `[policy] trusted_keys` as the last line.
+    Keygen {
+        #[arg(long, default_value = "weir-policy.key")]
+        out: std::path::PathBuf,
+    },
+    /// Sign a policy component: writes FILE.sig beside it (install FILE.sig
+    /// with FILE in the policy directory, or put it in etcd as NAME.sig).
+    Sign {
+        /// The policy component (.wasm).
+        file: std::path::PathBuf,
+        /// The secret key file `weir policy keygen` wrote.
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
 }
 
 fn parse_endpoint_meta(s: &str) -> Result<(usize, String, String), String> {
@@ -161,6 +176,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?
         }
+        Command::Policy {
+            command: PolicyCommand::Keygen { out },
+        } => weir::commands::policy::keygen(&out),
+        Command::Policy {
+            command: PolicyCommand::Sign { file, key },
+        } => weir::commands::policy::sign(&file, &key),
         Command::Register {
             etcd,
             prefix,

@@ -276,6 +276,8 @@ pub struct PolicyMetrics {
     pub reverts: Family<PolicyLabel, Counter>,
     /// Failing versions taken out of service with nothing to revert to.
     pub disabled: Family<PolicyLabel, Counter>,
+    /// Components refused for their provenance (name not allowed, signature).
+    pub refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for PolicyMetrics {
@@ -287,6 +289,7 @@ impl Default for PolicyMetrics {
             reloads: Family::default(),
             reverts: Family::default(),
             disabled: Family::default(),
+            refused: Family::default(),
         }
     }
 }
@@ -319,6 +322,11 @@ impl PolicyMetrics {
             "reverts",
             "failing versions reverted to their last good version",
             m.reverts.clone(),
+        );
+        r.register(
+            "refused",
+            "components refused for their provenance ([policy] allow, trusted_keys), by reason",
+            m.refused.clone(),
         );
         r.register(
             "disabled",

@@ -9,6 +9,7 @@
 pub(crate) mod check;
 mod engine;
 mod host;
+pub mod provenance;
 pub(crate) mod reload;
 mod set;
 mod version;
@@ -40,6 +41,8 @@ pub enum PolicyError {
     Name(String),
     #[error("the component is {size} bytes, over the {limit}-byte limit ([policy] max_size_mib)")]
     TooLarge { size: usize, limit: usize },
+    #[error("refused: {0}")]
+    Refused(#[from] provenance::Refusal),
 }
 
 impl PolicyError {

@@ -26,7 +26,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::balance::{Balancer, PickContext, RouteOptions};
+use crate::balance::{Balancer, HiddenHeaders, PickContext, RouteOptions};
 use crate::members::{CodeCounts, Member, Members};
 use crate::metrics::{encode_counters, CallLabels, ProxyMetrics, ServiceLabel};
 use crate::upstream::{h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody};
@@ -168,6 +168,7 @@ struct Target<'a> {
     /// Calls may be repeated after a backend was lost mid-call.
     idempotent: bool,
     options: Option<&'a Arc<RouteOptions>>,
+    hidden_headers: &'a Arc<HiddenHeaders>,
     /// The longest a call without `grpc-timeout` may last.
     max_duration: Option<Duration>,
     stream_idle_timeout: Duration,
@@ -463,6 +464,7 @@ impl Proxy {
                 retries: route.retries,
                 idempotent: route.idempotent,
                 options: Some(&route.options),
+                hidden_headers: &route.hidden_headers,
                 max_duration: route.max_duration,
                 stream_idle_timeout: route
                     .stream_idle_timeout
@@ -489,6 +491,7 @@ impl Proxy {
             retries: DEFAULT_RETRIES,
             idempotent: false,
             options: None,
+            hidden_headers: HiddenHeaders::sensitive(),
             max_duration: None,
             stream_idle_timeout: self.state.limits.stream_idle_timeout,
         })
@@ -524,6 +527,7 @@ impl Proxy {
             members,
             candidates: &candidates,
             options: target.options,
+            hidden_headers: target.hidden_headers,
         };
         let fallback = &target.service.fallback;
         let balancer = target.balancer.map_or(fallback as &dyn Balancer, |b| &**b);

@@ -38,6 +38,8 @@ pub enum StartError {
     Etcd(#[from] etcd_client::Error),
     #[error("policies: {0}")]
     Policy(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// How long start-up waits for the first etcd listing before listening anyway.
@@ -63,6 +65,10 @@ impl Gateway {
     /// Starts discovery, the policies and the data path, binds both
     /// listeners, waits (boundedly) for the first etcd listing, then serves.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let admin_token = match &config.admin_token_file {
+            Some(path) => Some(crate::admin::read_token(path).map_err(StartError::Config)?),
+            None => None,
+        };
         let mut registry = Registry::default();
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -95,6 +101,7 @@ impl Gateway {
             proxy: parts.proxy.clone(),
             policies: parts.policies.clone(),
             config: Arc::new(config.clone()),
+            token: admin_token,
         };
         tasks.spawn(crate::admin::serve(
             admin.listener,
@@ -257,11 +264,15 @@ async fn start_policies(
     let limits = policy::Limits::from(&config.policy);
     let zone = config.zone.as_deref().map(Arc::from);
     let engine = PolicyEngine::new(limits, zone).map_err(|e| StartError::Policy(e.to_string()))?;
-    let set = Arc::new(PolicySet::new(
-        Arc::new(engine),
-        config.policy.dir.clone(),
-        metrics,
-    ));
+    let provenance = policy::provenance::Provenance::new(
+        config.policy.allow.clone(),
+        &config.policy.trusted_keys,
+    )
+    .map_err(|e| StartError::Policy(format!("policy.trusted_keys: {e}")))?;
+    let set = Arc::new(
+        PolicySet::new(Arc::new(engine), config.policy.dir.clone(), metrics)
+            .with_provenance(provenance),
+    );
     let loader = set.clone();
     let failures = tokio::task::spawn_blocking(move || loader.load_dir())
         .await

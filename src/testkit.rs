@@ -321,9 +321,22 @@ fn get(port: u16, path: &str) -> Option<String> {
 
 /// GET over HTTP/1.1 (the admin listener): (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, &[]).await
+}
+
+/// An HTTP/1.1 request with extra header lines (`Name: value`).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\nContent-Length: 0\r\n{extra}\r\n"
+    );
     s.write_all(request.as_bytes()).await?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).await?;

@@ -1,5 +1,7 @@
 //! `weir policy check FILE.wasm`: validate a policy as a swap would, and show
 //! how it spreads synthetic picks, so authors can try one before deploying.
+//! `weir policy keygen` and `weir policy sign`: the keys and signatures
+//! `[policy] trusted_keys` asks for.
 
 use std::path::Path;
 use std::time::Instant;
@@ -72,4 +74,44 @@ fn yes_no(b: bool) -> &'static str {
     } else {
         "no"
     }
+}
+
+/// Writes a new secret key to `out` (never over an existing file) and
+/// prints its public key.
+pub fn keygen(out: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (secret, public) = crate::policy::provenance::keygen();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(out).with_context(|| {
+        format!(
+            "creating {} (an existing key is never overwritten)",
+            out.display()
+        )
+    })?;
+    file.write_all(secret.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "secret key written to {}; add the public key to [policy] trusted_keys:",
+        out.display()
+    );
+    println!("{public}");
+    Ok(())
+}
+
+/// Writes `FILE.sig`: the component's SHA-256 signed with the secret key.
+pub fn sign(file: &Path, key: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let secret =
+        std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let signature = crate::policy::provenance::sign(&secret, &bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let mut out = file.as_os_str().to_owned();
+    out.push(".sig");
+    let out = std::path::PathBuf::from(out);
+    std::fs::write(&out, signature).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", out.display());
+    Ok(())
 }

@@ -63,6 +63,7 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
         members: &members,
         candidates: &candidates,
         options: None,
+        hidden_headers: crate::balance::HiddenHeaders::sensitive(),
     };
     let picked = pick_despite_preemption(engine, version, &ctx, 2).map_err(|f| f.to_string())?;
     if version.learns_from_outcomes {
@@ -124,6 +125,7 @@ pub fn spread(
             members: &members,
             candidates: &candidates,
             options: None,
+            hidden_headers: crate::balance::HiddenHeaders::sensitive(),
         };
         let at = pick_despite_preemption(engine, version, &ctx, 3)
             .map_err(|f| format!("pick {i}: {f}"))?;

@@ -56,8 +56,7 @@ pub struct PolicyEngine {
     /// Recently compiled components by digest: going back to a version (a
     /// revert, a re-publish) costs no compile. Bounded; oldest out first.
     compiled: std::sync::Mutex<std::collections::VecDeque<(String, Component)>>,
-    /// Held while a component compiles.
-    compiling: std::sync::Mutex<()>,
+    compiler: CompileThread,
     linker: Linker<HostState>,
     pub limits: Limits,
     pub zone: Option<Arc<str>>,
@@ -84,10 +83,12 @@ impl PolicyEngine {
             .map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let ticker = Ticker::start(engine.clone())
             .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let compiler = CompileThread::start(engine.clone())
+            .map_err(|e| PolicyError::Engine(format!("cannot start the compile thread: {e}")))?;
         Ok(PolicyEngine {
             engine,
             compiled: Default::default(),
-            compiling: std::sync::Mutex::new(()),
+            compiler,
             linker,
             limits,
             zone,
@@ -111,8 +112,8 @@ impl PolicyEngine {
 
     /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
     /// is one weir provides, and it exports `pick` with the right type.
-    /// Compiles and checks a component. One compile at a time, on the
-    /// caller's (blocking) thread: a pathological component delays only its
+    /// Blocks the caller (a blocking thread, never a runtime worker) while
+    /// the compile thread works: a pathological component delays only its
     /// own install.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
         if bytes.len() > self.limits.max_component_bytes {
@@ -121,7 +122,6 @@ impl PolicyEngine {
                 limit: self.limits.max_component_bytes,
             });
         }
-        let _one_at_a_time = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
         let digest = super::version::digest(bytes);
         let cached = {
             let cache = self.compiled.lock().expect("compile cache");
@@ -133,8 +133,7 @@ impl PolicyEngine {
         let component = match cached {
             Some(c) => c,
             None => {
-                let c = Component::new(&self.engine, bytes)
-                    .map_err(|e| PolicyError::Invalid(one_line(&format!("{e:#}"))))?;
+                let c = self.compiler.compile(bytes)?;
                 let mut cache = self.compiled.lock().expect("compile cache");
                 if cache.len() >= COMPILE_CACHE {
                     cache.pop_front();
@@ -187,6 +186,65 @@ impl PolicyEngine {
     }
 }
 
+/// The one thread components compile on, one at a time, at the lowest CPU
+/// priority: a component that takes seconds to compile takes them from idle
+/// time, never from calls. (With wasmtime's parallel compilation, a compile
+/// took every core while calls waited.)
+struct CompileThread {
+    requests: std::sync::mpsc::Sender<CompileRequest>,
+}
+
+/// The bytes to compile, and where the result goes.
+type CompileRequest = (
+    Vec<u8>,
+    std::sync::mpsc::SyncSender<Result<Component, PolicyError>>,
+);
+
+impl CompileThread {
+    fn start(engine: Engine) -> std::io::Result<CompileThread> {
+        let (requests, incoming) = std::sync::mpsc::channel::<CompileRequest>();
+        // Detached: it ends when the engine (the last sender) is dropped.
+        std::thread::Builder::new()
+            .name("weir-policy-compile".into())
+            .spawn(move || {
+                lower_priority();
+                for (bytes, reply) in incoming {
+                    let compiled = Component::new(&engine, &bytes)
+                        .map_err(|e| PolicyError::Invalid(one_line(&format!("{e:#}"))));
+                    let _ = reply.send(compiled); // the caller may have gone
+                }
+            })?;
+        Ok(CompileThread { requests })
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Component, PolicyError> {
+        let gone = || PolicyError::Engine("the compile thread has stopped".into());
+        let (reply, result) = std::sync::mpsc::sync_channel(1);
+        self.requests
+            .send((bytes.to_vec(), reply))
+            .map_err(|_| gone())?;
+        result.recv().map_err(|_| gone())?
+    }
+}
+
+/// SCHED_BATCH at the lowest niceness: the scheduler runs this thread when
+/// the runtime's workers leave a core idle. Failing to lower it is logged,
+/// never fatal.
+fn lower_priority() {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    let lowest = set_thread_priority_and_policy(
+        thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
+    );
+    if let Err(e) = lowest {
+        tracing::warn!(error = ?e, "cannot lower the policy compile thread's priority");
+    }
+}
+
 /// A thread that advances the engine's epoch every `TICK`, joined on drop.
 struct Ticker {
     stop: Arc<AtomicBool>,
@@ -232,4 +290,47 @@ impl Drop for Ticker {
 /// one line reads better in a log line and the admin view.
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The niceness of every thread of this process named like the compile
+    /// thread (Linux truncates thread names to 15 bytes).
+    fn compile_thread_niceness() -> Vec<i64> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "weir-policy-com" {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised name; niceness is field 19 of stat.
+            let after = stat.rsplit_once(") ").map(|(_, s)| s).unwrap_or("");
+            if let Some(nice) = after.split(' ').nth(16).and_then(|n| n.parse().ok()) {
+                found.push(nice);
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn components_compile_on_a_thread_of_the_lowest_priority() {
+        let engine = PolicyEngine::new(Limits::default(), None).unwrap();
+        // An empty component compiles (and fails the world check after).
+        let _ = engine.compile(b"\0asm\x0d\0\x01\0");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = compile_thread_niceness();
+            if !found.is_empty() && found.iter().all(|n| *n == 19) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "compile threads' niceness: {found:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

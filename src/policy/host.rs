@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use wasmtime::StoreLimits;
 
-use crate::balance::RouteOptions;
+use crate::balance::{HiddenHeaders, RouteOptions};
 use crate::members::{Member, Members};
 use crate::upstream::CheckedHealth;
 
@@ -33,6 +33,8 @@ pub struct CallView {
     pub headers: Option<Arc<HeaderMap>>,
     /// The route's options; only set for policies that import `call`.
     pub options: Option<Arc<RouteOptions>>,
+    /// Headers `call.header` does not answer for.
+    pub hidden_headers: Option<Arc<HiddenHeaders>>,
 }
 
 /// A policy instance's store data.
@@ -182,7 +184,11 @@ impl self::weir::policy::call::Host for HostState {
     }
 
     fn header(&mut self, name: String) -> Option<String> {
-        let value = self.call.headers.as_ref()?.get(name.to_ascii_lowercase())?;
+        let name = name.to_ascii_lowercase();
+        if self.call.hidden_headers.as_ref()?.hides(&name) {
+            return None; // credentials, or hidden by the route
+        }
+        let value = self.call.headers.as_ref()?.get(name)?;
         value.to_str().ok().map(str::to_owned)
     }
 

@@ -13,6 +13,27 @@ use tokio_util::sync::CancellationToken;
 use super::set::{policy_name, PolicySet};
 use crate::discovery::policies::Published;
 
+/// The suffix of a signature beside a component (file or etcd key).
+const SIG: &str = ".sig";
+
+/// A file write settled: the content's digest, modification time, and
+/// the signature's digest.
+type Written = (String, Option<std::time::SystemTime>, Option<String>);
+
+/// An etcd publication settled: the component's and its signature's.
+type Publication = ((u64, i64), Option<(u64, i64)>);
+
+/// A component offered for install, and where it came from.
+struct Offer {
+    name: String,
+    bytes: Vec<u8>,
+    /// The text of its `.sig`, if one was found beside it.
+    signature: Option<Vec<u8>>,
+    source: String,
+    /// From etcd (where `[policy] allow` applies) rather than the directory.
+    published: bool,
+}
+
 /// Writes are often several events (create, write, close): wait this long
 /// after the last one before reading the file.
 const SETTLE: Duration = Duration::from_millis(10);
@@ -41,7 +62,7 @@ pub fn spawn_dir_watch(
                                 // Settled by content and modification time: the same write's late
                                 // events are skipped; writing the same bytes again is tried again
                                 // (a version reverted here comes back when it is written anew).
-        let mut settled: HashMap<PathBuf, (String, Option<std::time::SystemTime>)> = HashMap::new();
+        let mut settled: HashMap<PathBuf, Written> = HashMap::new();
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -52,6 +73,15 @@ pub fn spawn_dir_watch(
             while let Ok(Some(p)) = tokio::time::timeout(SETTLE, rx.recv()).await {
                 changed.insert(p);
             }
+            // A signature written (or replaced) beside a component is a
+            // reason to try that component again.
+            let changed: HashSet<PathBuf> = changed
+                .into_iter()
+                .map(|p| match p.to_str().and_then(|s| s.strip_suffix(".sig")) {
+                    Some(component) => PathBuf::from(component),
+                    None => p,
+                })
+                .collect();
             for path in changed {
                 let Some(name) = policy_name(&path) else {
                     continue;
@@ -87,12 +117,27 @@ pub fn spawn_dir_watch(
                     .await
                     .ok()
                     .and_then(|m| m.modified().ok());
-                let this_write = (super::version::digest(&bytes), modified);
+                // The signature is part of what was written.
+                let mut sig_path = path.as_os_str().to_owned();
+                sig_path.push(".sig");
+                let signature = tokio::fs::read(&sig_path).await.ok();
+                let this_write = (
+                    super::version::digest(&bytes),
+                    modified,
+                    signature.as_deref().map(super::version::digest),
+                );
                 if settled.get(&path) == Some(&this_write) {
                     continue;
                 }
                 let source = path.display().to_string();
-                if install_settles(&set, name, bytes, source).await {
+                let offer = Offer {
+                    name,
+                    bytes,
+                    signature,
+                    source,
+                    published: false,
+                };
+                if install_settles(&set, offer).await {
                     settled.insert(path.clone(), this_write);
                 }
             }
@@ -112,11 +157,14 @@ pub fn spawn_etcd_consumer(
         // already settled (by its publication), so a re-list can neither undo a
         // newer file version nor bring back a version reverted here. A new
         // put of the same bytes has a new revision: it is tried again.
-        let mut settled: HashMap<String, (u64, i64)> = HashMap::new();
+        let mut settled: HashMap<String, Publication> = HashMap::new();
         let mut before: Published = Published::default();
         loop {
             let latest = published.borrow_and_update().clone();
-            for (key, gone) in before.iter().filter(|(k, _)| !latest.contains_key(*k)) {
+            for (key, gone) in before
+                .iter()
+                .filter(|(k, _)| !latest.contains_key(*k) && !k.ends_with(SIG))
+            {
                 let (set, name, key) = (set.clone(), gone.name.clone(), key.clone());
                 settled.remove(&key);
                 let removal = tokio::task::spawn_blocking(move || set.remove(&name, &key));
@@ -125,17 +173,22 @@ pub fn spawn_etcd_consumer(
                 }
             }
             before = latest.clone();
-            for update in latest.values() {
-                if settled.get(&update.key) == Some(&update.publication) {
+            for update in latest.values().filter(|u| !u.key.ends_with(SIG)) {
+                // `NAME.sig` beside `NAME` carries its signature.
+                let signature = latest.get(&format!("{}{SIG}", update.key));
+                let publication = (update.publication, signature.map(|s| s.publication));
+                if settled.get(&update.key) == Some(&publication) {
                     continue;
                 }
-                let (name, bytes, key) = (
-                    update.name.clone(),
-                    update.bytes.clone(),
-                    update.key.clone(),
-                );
-                if install_settles(&set, name, bytes, key.clone()).await {
-                    settled.insert(key, update.publication);
+                let offer = Offer {
+                    name: update.name.clone(),
+                    bytes: update.bytes.clone(),
+                    signature: signature.map(|s| s.bytes.clone()),
+                    source: update.key.clone(),
+                    published: true,
+                };
+                if install_settles(&set, offer).await {
+                    settled.insert(update.key.clone(), publication);
                 }
             }
             tokio::select! {
@@ -151,14 +204,23 @@ pub fn spawn_etcd_consumer(
 /// reason the same bytes would meet again — so a duplicate event neither
 /// rolls back a newer version nor counts one refusal twice. A refusal that
 /// may pass on another try (a preempted trial pick) leaves it unsettled.
-async fn install_settles(
-    set: &Arc<PolicySet>,
-    name: String,
-    bytes: Vec<u8>,
-    source: String,
-) -> bool {
+async fn install_settles(set: &Arc<PolicySet>, offer: Offer) -> bool {
     let set = set.clone();
-    match tokio::task::spawn_blocking(move || set.install(&name, &bytes, source)).await {
+    let install = move || {
+        let Offer {
+            name,
+            bytes,
+            signature,
+            source,
+            published,
+        } = offer;
+        if published {
+            set.install_published(&name, &bytes, signature.as_deref(), source)
+        } else {
+            set.install_signed(&name, &bytes, signature.as_deref(), source)
+        }
+    };
+    match tokio::task::spawn_blocking(install).await {
         Ok(Ok(_)) => true,
         Ok(Err(err)) => err.is_final(),
         Err(err) => {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 
 use super::engine::PolicyEngine;
+use super::provenance::{Provenance, Refusal};
 use super::version::PolicyVersion;
 use super::PolicyError;
 use crate::balance::{Balancer, Outcome, PickContext, PickError};
@@ -41,6 +42,7 @@ pub struct PolicySet {
     policies: RwLock<HashMap<Arc<str>, Arc<NamedPolicy>>>,
     metrics: PolicyMetrics,
     dir: Option<PathBuf>,
+    provenance: Provenance,
 }
 
 impl PolicySet {
@@ -50,7 +52,14 @@ impl PolicySet {
             policies: RwLock::new(HashMap::new()),
             metrics,
             dir,
+            provenance: Provenance::default(),
         }
+    }
+
+    /// Sets which names may come from etcd and whose signatures count.
+    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+        self.provenance = provenance;
+        self
     }
 
     pub fn engine(&self) -> &Arc<PolicyEngine> {
@@ -108,10 +117,47 @@ impl PolicySet {
                 source,
             })
             .and_then(|read| read);
+        // The signature, if any, sits beside the component: FILE.wasm.sig.
+        let mut sig_path = path.as_os_str().to_owned();
+        sig_path.push(".sig");
+        let signature = std::fs::read(&sig_path).ok();
         match bytes {
-            Ok(bytes) => self.install(name, &bytes, path.display().to_string()),
+            Ok(bytes) => self.install_signed(
+                name,
+                &bytes,
+                signature.as_deref(),
+                path.display().to_string(),
+            ),
             Err(err) => Err(self.failed(name, err)),
         }
+    }
+
+    /// Installs a version published in etcd under `key`, if its name is
+    /// allowed there. A name that is not allowed makes no state here (the
+    /// prefix's writers choose names): it is logged and counted only.
+    pub fn install_published(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        signature: Option<&[u8]>,
+        key: String,
+    ) -> Result<Arc<PolicyVersion>, PolicyError> {
+        if !self.provenance.allows(name) {
+            let refusal = Refusal::NotAllowed(name.to_owned());
+            self.count_refusal(&refusal);
+            tracing::warn!(key = %key, cause = %refusal, "policy in etcd ignored");
+            return Err(refusal.into());
+        }
+        self.install_signed(name, bytes, signature, key)
+    }
+
+    fn count_refusal(&self, refusal: &Refusal) {
+        self.metrics
+            .refused
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: refusal.reason(),
+            })
+            .inc();
     }
 
     /// Compiles, checks and swaps in a new version of `name`. Blocking (it
@@ -123,10 +169,27 @@ impl PolicySet {
         bytes: &[u8],
         source: String,
     ) -> Result<Arc<PolicyVersion>, PolicyError> {
+        self.install_signed(name, bytes, None, source)
+    }
+
+    /// [`install`](Self::install) with the component's signature (the text
+    /// of its `.sig`), checked against `[policy] trusted_keys` first.
+    pub fn install_signed(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        signature: Option<&[u8]>,
+        source: String,
+    ) -> Result<Arc<PolicyVersion>, PolicyError> {
         if let Some(current) = self.policy(name).and_then(|s| s.current()) {
             if current.digest == super::version::digest(bytes) {
                 return Ok(current); // the same bytes again (a touch, a re-list)
             }
+        }
+        let digest = super::version::digest_bytes(bytes);
+        if let Err(refusal) = self.provenance.check(&digest, signature) {
+            self.count_refusal(&refusal);
+            return Err(self.failed(name, refusal.into()));
         }
         let outcome = super::validate(&self.engine, name, bytes, source);
         match outcome {

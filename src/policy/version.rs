@@ -208,6 +208,7 @@ impl PolicyVersion {
             view.method.push_str(ctx.method);
             view.headers = Some(Arc::clone(ctx.headers));
             view.options = ctx.options.cloned();
+            view.hidden_headers = Some(Arc::clone(ctx.hidden_headers));
         }
         live.store.set_epoch_deadline(engine.deadline_ticks());
         let result = live
@@ -217,6 +218,7 @@ impl PolicyVersion {
         view.members = None;
         view.headers = None;
         view.options = None;
+        view.hidden_headers = None;
         match result {
             Ok(Ok(i)) if (i as usize) < ctx.candidates.len() => Ok(i as usize),
             Ok(Ok(i)) => Err(Fault::OutOfRange(i)),
@@ -347,7 +349,14 @@ fn classify(err: &wasmtime::Error) -> Fault {
 /// compile cache: a weak hash would let a colliding component be served
 /// in place of another.)
 pub fn digest(bytes: &[u8]) -> String {
+    digest_bytes(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 of a component: what a signature signs.
+pub fn digest_bytes(bytes: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(bytes);
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes).into()
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::balance::{Balancer, RouteOptions};
+use crate::balance::{Balancer, HiddenHeaders, RouteOptions};
 use crate::config::RouteConfig;
 
 use super::services::{ServiceRuntime, ServiceRuntimes};
@@ -17,6 +17,7 @@ pub struct Route {
     pub retries: u32,
     pub idempotent: bool,
     pub options: Arc<RouteOptions>,
+    pub hidden_headers: Arc<HiddenHeaders>,
     /// The longest a call without `grpc-timeout` may last.
     pub max_duration: Option<std::time::Duration>,
     /// Overrides the gateway's stream idle timeout.
@@ -45,6 +46,10 @@ impl Router {
                 retries: r.retries,
                 idempotent: r.idempotent,
                 options: Arc::new(r.options.clone()),
+                hidden_headers: Arc::new(HiddenHeaders::for_route(
+                    &r.hide_headers,
+                    &r.expose_headers,
+                )),
                 max_duration: r.max_duration,
                 stream_idle_timeout: r.stream_idle_timeout,
             });

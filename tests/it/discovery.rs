@@ -543,6 +543,7 @@ async fn leases_polled_too_rarely_read_unknown_and_lease_aware_drains_none() {
                 members: &members,
                 candidates: &candidates,
                 options: None,
+                hidden_headers: weir::balance::HiddenHeaders::sensitive(),
             };
             picked[lease_aware.pick(&ctx).unwrap()] += 1;
         }

@@ -13,3 +13,4 @@ mod serve;
 mod signals;
 mod support;
 mod tidy;
+mod trust;

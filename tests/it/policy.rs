@@ -62,6 +62,7 @@ fn pick(b: &dyn Balancer, members: &Arc<Members>, headers: &HeaderMap) -> Result
         members,
         candidates: &candidates,
         options: None,
+        hidden_headers: weir::balance::HiddenHeaders::sensitive(),
     };
     b.pick(&ctx)
         .map(|i| candidates[i])

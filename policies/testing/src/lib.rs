@@ -2,8 +2,9 @@
 //!
 //! The `x-policy-test` header picks the misdeed: `loop` (never returns),
 //! `trap` (unreachable), `bomb` (grows memory without end), `range` (an index
-//! far out of range), `error` (returns an error), `log` (logs, then picks 0).
-//! Without it, it picks candidate 0.
+//! far out of range), `error` (returns an error), `log` (logs, then picks 0),
+//! `peek:NAME` (picks candidate 1 when it can read header NAME, else 0: the
+//! hidden-header tests). Without it, it picks candidate 0.
 
 wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
@@ -33,6 +34,9 @@ impl Guest for Testing {
             Some("log") => {
                 env::log(2, "hello from the testing policy");
                 Ok(0)
+            }
+            Some(peek) if peek.starts_with("peek:") => {
+                Ok(u32::from(call::header(&peek["peek:".len()..]).is_some()))
             }
             _ => Ok(0),
         }
