@@ -36,7 +36,9 @@ async fn main() {
     let (services, per_service, changes) = if full { (1_000, 10, 200) } else { (20, 5, 10) };
     let instances = services * per_service;
     let etcd = Etcd::start();
-    let mut client = discovery::connect(&etcd.endpoints()).await.unwrap();
+    let mut client = discovery::connect(&discovery::EtcdAccess::new(etcd.endpoints()))
+        .await
+        .unwrap();
 
     let ops: Vec<TxnOp> = (0..instances)
         .map(|n| {

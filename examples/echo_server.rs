@@ -48,7 +48,8 @@ async fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--meta {kv:?} is not KEY=VALUE"))?;
         spec.metadata.insert(k.to_owned(), v.to_owned());
     }
-    let client = weir::discovery::connect(&args.etcd).await?;
+    let client =
+        weir::discovery::connect(&weir::discovery::EtcdAccess::new(args.etcd.clone())).await?;
     let mut registration = Registration::spawn(client, spec)?;
     registration.registered().await;
     println!("{} serving {} on {}", args.name, args.service, echo.addr);

@@ -158,6 +158,20 @@ pub struct EtcdSection {
     /// member silent for that long is left for another.
     #[serde(default = "defaults::progress_interval", with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// CA certificate(s) (PEM) for `https://` endpoints.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for etcd's `--client-cert-auth`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// etcd user (etcd authentication enabled).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The user's password, from this file (else `$WEIR_ETCD_PASSWORD`).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

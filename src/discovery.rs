@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use endpoint::{DeclaredHealth, Endpoint, EndpointSet};
-pub use etcd::{connect, FollowSettings, Position};
+pub use etcd::{connect, EtcdAccess, EtcdError, FollowSettings, Position};
 pub use lease::{LeaseHandle, LeasePollConfig};
 pub use table::{ServiceSlot, ServiceTable};
 pub use watch::spawn_watch;
@@ -31,7 +31,7 @@ use crate::metrics::DiscoveryMetrics;
 /// How to reach etcd and what to read there.
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
+    pub access: EtcdAccess,
     pub prefix: String,
     /// Request bounds and backoff of the watch sessions.
     pub follow: FollowSettings,
@@ -43,7 +43,7 @@ pub struct EtcdConfig {
 impl EtcdConfig {
     pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
         EtcdConfig {
-            endpoints,
+            access: EtcdAccess::new(endpoints),
             prefix: prefix.into(),
             follow: FollowSettings::default(),
             lease_poll: LeasePollConfig::default(),
@@ -59,7 +59,7 @@ pub async fn start(
     metrics: DiscoveryMetrics,
     tasks: &TaskTracker,
     cancel: CancellationToken,
-) -> Result<Arc<ServiceTable>, etcd_client::Error> {
+) -> Result<Arc<ServiceTable>, EtcdError> {
     let table = Arc::new(ServiceTable::new(&config.prefix, metrics));
     if let Some(path) = &config.snapshot {
         match snapshot::load(&table, path) {
@@ -70,19 +70,21 @@ pub async fn start(
             Err(err) => tracing::warn!(cause = %err, "snapshot ignored"),
         }
     }
-    let client = connect(&config.endpoints).await?;
-    tasks.spawn(watch::spawn_watch(
-        client.clone(),
-        table.clone(),
-        config.clone(),
-        cancel.clone(),
-    ));
-    tasks.spawn(lease::spawn_lease_poller(
-        client,
-        table.leases().clone(),
-        config.lease_poll,
-        cancel.clone(),
-    ));
+    config.access.check()?;
+    // Connecting can wait for etcd (credentials are checked by etcd): the
+    // snapshot, if any, serves meanwhile.
+    let (config_now, table_now, stop) = (config.clone(), table.clone(), cancel.clone());
+    tasks.spawn(async move {
+        let Some(client) = etcd::connect_until(&config_now.access, &stop).await else {
+            return;
+        };
+        let leases = table_now.leases().clone();
+        let lease_poll = config_now.lease_poll;
+        let _ended = tokio::join!(
+            watch::spawn_watch(client.clone(), table_now, config_now, stop.clone()),
+            lease::spawn_lease_poller(client, leases, lease_poll, stop),
+        );
+    });
     if let Some(path) = &config.snapshot {
         tasks.spawn(snapshot::spawn_snapshot_writer(
             table.clone(),

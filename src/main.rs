@@ -39,9 +39,8 @@ enum Command {
     },
     /// Keep one instance registered in etcd until SIGTERM/SIGINT, then revoke its lease.
     Register {
-        /// etcd endpoint(s), comma-separated or repeated.
-        #[arg(long, required = true, value_delimiter = ',')]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdFlags,
         #[arg(long, default_value = "/services")]
         prefix: String,
         #[arg(long)]
@@ -67,8 +66,8 @@ enum Command {
     },
     /// Print the endpoint sets under a prefix; with --watch, follow them.
     Discover {
-        #[arg(long, required = true, value_delimiter = ',')]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdFlags,
         #[arg(long, default_value = "/services")]
         prefix: String,
         /// One JSON object mapping each service to its endpoints.
@@ -81,6 +80,41 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
+}
+
+/// How a command reaches etcd: the flags match the `[etcd]` config keys.
+#[derive(clap::Args)]
+struct EtcdFlags {
+    /// etcd endpoint(s), comma-separated or repeated (https:// with --ca).
+    #[arg(long, required = true, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// CA certificate(s) (PEM) the etcd members' certificates chain to.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for etcd's --client-cert-auth.
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+    /// etcd user; the password comes from --password-file or $WEIR_ETCD_PASSWORD.
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password_file: Option<std::path::PathBuf>,
+}
+
+impl EtcdFlags {
+    fn access(self) -> weir::discovery::EtcdAccess {
+        weir::discovery::EtcdAccess {
+            endpoints: self.etcd,
+            ca: self.ca,
+            cert: self.cert,
+            key: self.key,
+            username: self.username,
+            password_file: self.password_file,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -197,7 +231,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             spec.weight = weight;
             spec.metadata = meta.into_iter().collect::<BTreeMap<_, _>>();
             spec.format = format;
-            weir::commands::register::run(&etcd, spec).await
+            weir::commands::register::run(&etcd.access(), spec).await
         }
         Command::Discover {
             etcd,
@@ -206,8 +240,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             watch,
             wait,
         } => {
+            let access = etcd.access();
+            let mut config = EtcdConfig::new(access.endpoints.clone(), prefix);
+            config.access = access;
             weir::commands::discover::run(weir::commands::discover::DiscoverArgs {
-                config: EtcdConfig::new(etcd, prefix),
+                config,
                 json,
                 watch,
                 wait: Duration::from_secs(wait),

@@ -204,6 +204,11 @@ async fn keep_registered(
         };
         match outcome {
             Ok(()) => return revoke(&mut client, lease).await,
+            Err(RegisterError::Etcd(err)) if err.is_refused() => {
+                tracing::error!(key = %spec.key(), cause = %err, "etcd refused the registration; giving up");
+                let _best_effort = revoke(&mut client, lease).await;
+                return Err(RegisterError::Etcd(err));
+            }
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(key = %spec.key(), cause = %crate::errors::chain(&err), retry_in = ?delay, "registration interrupted; registering again");

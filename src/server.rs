@@ -35,7 +35,7 @@ pub enum StartError {
     #[error("TLS: {0}")]
     Tls(String),
     #[error("etcd client: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(#[from] discovery::EtcdError),
     #[error("policies: {0}")]
     Policy(String),
     #[error("{0}")]
@@ -290,9 +290,8 @@ async fn start_policies(
         });
     }
     if config.policy.from_etcd {
-        let client = discovery::connect(&config.etcd.endpoints).await?;
         let (watch, published) = discovery::policies::spawn_policy_watch(
-            client,
+            EtcdConfig::from(config).access,
             &config.etcd.prefix,
             EtcdConfig::from(config).follow,
             background.clone(),

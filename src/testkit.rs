@@ -16,6 +16,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client URLs speak.
+    metrics_port: u16,
     child: Option<Child>,
 }
 
@@ -24,6 +26,16 @@ pub struct Etcd {
     dir: TempDir,
     members: Vec<Member>,
     binary: PathBuf,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS on an etcd's client URLs: its certificate and key (PEM files), and
+/// the CA whose client certificates it requires (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Where the `etcd` binary is: `$ETCD_BIN`, else `etcd` on `PATH`.
@@ -77,6 +89,15 @@ impl Etcd {
 
     /// `n` members forming one cluster.
     pub fn start_cluster(n: usize) -> Etcd {
+        Etcd::start_with(n, None)
+    }
+
+    /// One member serving `https://` and requiring client certificates.
+    pub fn start_tls(tls: EtcdTls) -> Etcd {
+        Etcd::start_with(1, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<EtcdTls>) -> Etcd {
         let binary = find_binary();
         // Ports are chosen free and then released, which can race with another
         // process; a member that fails to bind is retried on new ports.
@@ -87,6 +108,7 @@ impl Etcd {
                     name: format!("m{i}"),
                     client_port: free_port(),
                     peer_port: free_port(),
+                    metrics_port: free_port(),
                     child: None,
                 })
                 .collect();
@@ -94,6 +116,7 @@ impl Etcd {
                 dir,
                 members,
                 binary: binary.clone(),
+                tls: tls.clone(),
             };
             let all: Vec<usize> = (0..n).collect();
             for &i in &all {
@@ -114,7 +137,8 @@ impl Etcd {
     }
 
     pub fn endpoint(&self, member: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[member].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[member].client_port)
     }
 
     /// Kills every member (as a crash would); data stays.
@@ -192,7 +216,7 @@ impl Etcd {
     /// Watch streams a member serves (`etcd_debugging_mvcc_watch_stream_total`
     /// from its `/metrics`); 0 when it does not answer.
     pub fn watch_streams(&self, member: usize) -> u64 {
-        let body = get(self.members[member].client_port, "/metrics").unwrap_or_default();
+        let body = get(self.members[member].metrics_port, "/metrics").unwrap_or_default();
         body.lines()
             .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watch_stream_total "))
             .and_then(|v| v.trim().parse::<f64>().ok())
@@ -216,9 +240,24 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
+            .arg("--listen-metrics-urls")
+            .arg(&metrics)
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -263,7 +302,7 @@ impl Etcd {
                         ));
                     }
                 }
-                if health_ok(self.members[i].client_port) {
+                if health_ok(self.members[i].metrics_port) {
                     break;
                 }
                 if Instant::now() > deadline {

@@ -21,6 +21,9 @@ pub struct DiscoverArgs {
 }
 
 pub async fn run(args: DiscoverArgs) -> anyhow::Result<()> {
+    // Once, to say at once what is wrong with the settings or credentials
+    // (the table's own connection retries quietly in the background).
+    discovery::connect(&args.config.access).await?;
     let tasks = TaskTracker::new();
     let cancel = CancellationToken::new();
     let table = discovery::start(
@@ -41,8 +44,8 @@ pub async fn run(args: DiscoverArgs) -> anyhow::Result<()> {
     .await
     .with_context(|| {
         format!(
-            "no listing from etcd at {:?} within {:?}",
-            args.config.endpoints, args.wait
+            "no listing from etcd at {:?} within {:?} (the log says why)",
+            args.config.access.endpoints, args.wait
         )
     })?;
     // Give the lease poller a moment so the first listing shows TTLs.

@@ -12,6 +12,7 @@
 //! a follower's position.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
@@ -27,28 +28,212 @@ const LIST_PAGE: i64 = 1000;
 /// holding those never completed.)
 const DECODE_LIMIT: usize = 64 << 20;
 
-/// A client for `endpoints`. Connection is lazy: this succeeds while etcd is down.
+/// How to reach etcd: its endpoints, TLS material and credentials.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    /// CA certificate(s) (PEM) the members' certificates must chain to;
+    /// needed for `https://` endpoints.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user; its password comes from `password_file` or else the
+    /// `WEIR_ETCD_PASSWORD` environment variable, never from the config.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// The environment variable a password is read from without a file.
+pub const PASSWORD_ENV: &str = "WEIR_ETCD_PASSWORD";
+
+impl EtcdAccess {
+    pub fn new(endpoints: Vec<String>) -> EtcdAccess {
+        EtcdAccess {
+            endpoints,
+            ..EtcdAccess::default()
+        }
+    }
+
+    /// Whether the settings can be used at all (files readable, a password
+    /// where a username is): mistakes to report at start, not retry.
+    pub fn check(&self) -> Result<(), EtcdError> {
+        self.tls()?;
+        if self.username.is_some() {
+            self.password()?;
+        }
+        Ok(())
+    }
+
+    fn tls(&self) -> Result<Option<etcd_client::TlsOptions>, EtcdError> {
+        let https = self.endpoints.iter().any(|e| e.starts_with("https://"));
+        if !https {
+            if self.ca.is_some() || self.cert.is_some() {
+                return Err(EtcdError::Access(
+                    "[etcd] ca and cert apply to https:// endpoints; the endpoints are http://"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                EtcdError::Access(format!("reading [etcd] {what} {}: {e}", path.display()))
+            })
+        };
+        let ca = self.ca.as_deref().ok_or_else(|| {
+            EtcdError::Access("https:// etcd endpoints need [etcd] ca (--ca)".into())
+        })?;
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca", ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read("cert", cert)?,
+                    read("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(EtcdError::Access(
+                    "[etcd] cert and key go together (--cert, --key)".into(),
+                ))
+            }
+        }
+        Ok(Some(tls))
+    }
+
+    fn password(&self) -> Result<String, EtcdError> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                EtcdError::Access(format!(
+                    "reading [etcd] password_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        std::env::var(PASSWORD_ENV).map_err(|_| {
+            EtcdError::Access(format!(
+                "[etcd] username is set: its password comes from password_file (--password-file) or ${PASSWORD_ENV}"
+            ))
+        })
+    }
+}
+
+/// A client for `access`. Without credentials the connection is lazy: this
+/// succeeds while etcd is down. With a username it authenticates first, so
+/// it fails while etcd cannot be reached (see [`connect_until`]).
 ///
 /// HTTP/2 pings go every 10 s: etcd cuts streams of clients that ping more
 /// often than its `--grpc-keepalive-min-time` (5 s by default). Every
 /// request requires a leader: a member cut off from its quorum refuses
 /// (and cancels its watches) rather than serve a view frozen in the past.
-pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
+pub async fn connect(access: &EtcdAccess) -> Result<Client, EtcdError> {
+    let mut options = etcd_client::ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true)
         .with_connect_timeout(Duration::from_secs(3));
-    Client::connect(endpoints, Some(options)).await
+    let tls = access.tls()?;
+    let over_tls = tls.is_some();
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
+    if let Some(user) = &access.username {
+        // Tokens expire (etcd's --auth-token-ttl): one refused is renewed.
+        options = options
+            .with_user(user.clone(), access.password()?)
+            .with_auto_token_refresh(true);
+    }
+    Client::connect(&access.endpoints, Some(options))
+        .await
+        .map_err(|err| {
+            // A refused handshake shows as a lost connection, not as TLS.
+            let lost = match &err {
+                etcd_client::Error::TransportError(_) => true,
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+                ),
+                _ => false,
+            };
+            if over_tls && lost {
+                EtcdError::OverTls(err)
+            } else {
+                EtcdError::Request(err)
+            }
+        })
+}
+
+/// [`connect`], tried again with backoff while etcd cannot be reached (a
+/// client with credentials must reach it to authenticate); `None` once
+/// `cancel` fires. A mistake in the settings themselves is not retried.
+pub async fn connect_until(access: &EtcdAccess, cancel: &CancellationToken) -> Option<Client> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match connect(access).await {
+            Ok(client) => return Some(client),
+            Err(err @ EtcdError::Access(_)) => {
+                tracing::error!(cause = %err, "etcd settings unusable; not connecting");
+                cancel.cancelled().await;
+                return None;
+            }
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(cause = %crate::errors::chain(&err), retry_in = ?delay, "cannot connect to etcd");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Why an etcd request gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("etcd request failed: {0}")]
+    #[error("etcd request failed: {0}{hint}", hint = hint(.0))]
     Request(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Access(String),
+    #[error("cannot reach etcd over TLS: {0} (etcd may have refused the client certificate, [etcd] cert and key, or its own certificate did not verify against [etcd] ca)")]
+    OverTls(etcd_client::Error),
+}
+
+impl EtcdError {
+    /// etcd refused the credentials or the permission: trying again
+    /// changes nothing until someone changes the settings or the roles.
+    pub fn is_refused(&self) -> bool {
+        let EtcdError::Request(etcd_client::Error::GRpcStatus(status)) = self else {
+            return false;
+        };
+        status.code() == tonic::Code::PermissionDenied
+            || status.message().contains("authentication failed")
+    }
+}
+
+/// What an etcd error most likely means, for the operator reading it.
+fn hint(err: &etcd_client::Error) -> &'static str {
+    let text = crate::errors::chain(err).to_lowercase();
+    let status = match err {
+        etcd_client::Error::GRpcStatus(status) => Some(status.code()),
+        _ => None,
+    };
+    if text.contains("authentication failed") || text.contains("invalid auth token") {
+        " (authentication failed: check [etcd] username and password_file, or --username and --password-file)"
+    } else if status == Some(tonic::Code::PermissionDenied) || text.contains("permission denied") {
+        " (permission denied: the etcd user's role does not grant this on the key)"
+    } else if text.contains("certificate") || text.contains("alert") || text.contains("tls") {
+        " (TLS: a certificate was refused; check [etcd] ca, cert and key against the cluster's)"
+    } else if status == Some(tonic::Code::Unauthenticated) {
+        " (etcd requires authentication: set [etcd] username)"
+    } else {
+        ""
+    }
 }
 
 /// Runs one etcd request, giving up after `limit`.

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use etcd_client::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +49,7 @@ struct PublishedPolicies {
 /// Starts following the policies published under `prefix`; the receiver
 /// always holds the latest bytes of every policy key.
 pub fn spawn_policy_watch(
-    client: Client,
+    access: etcd::EtcdAccess,
     prefix: &str,
     settings: FollowSettings,
     cancel: CancellationToken,
@@ -64,6 +63,9 @@ pub fn spawn_policy_watch(
     };
     let task = tokio::spawn(async move {
         let prefix = follower.prefix.clone();
+        let Some(client) = etcd::connect_until(&access, &cancel).await else {
+            return;
+        };
         etcd::follow(client, &prefix, None, settings, &follower, &cancel).await;
     });
     (task, receiver)

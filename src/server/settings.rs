@@ -6,7 +6,7 @@ use crate::config::LimitsSection;
 use crate::config::{
     Config, HealthCheckSection, OutlierSection, PolicySection, RetrySection, UpstreamSection,
 };
-use crate::discovery::{EtcdConfig, LeasePollConfig};
+use crate::discovery::{EtcdAccess, EtcdConfig, LeasePollConfig};
 use crate::policy::Limits;
 use crate::proxy::{CallLimits, RetrySettings};
 use crate::upstream::{HealthCheckSettings, OutlierSettings, PoolConfig};
@@ -14,6 +14,14 @@ use crate::upstream::{HealthCheckSettings, OutlierSettings, PoolConfig};
 impl From<&Config> for EtcdConfig {
     fn from(config: &Config) -> Self {
         let mut etcd = EtcdConfig::new(config.etcd.endpoints.clone(), config.etcd.prefix.clone());
+        etcd.access = EtcdAccess {
+            endpoints: config.etcd.endpoints.clone(),
+            ca: config.etcd.ca.clone(),
+            cert: config.etcd.cert.clone(),
+            key: config.etcd.key.clone(),
+            username: config.etcd.username.clone(),
+            password_file: config.etcd.password_file.clone(),
+        };
         etcd.snapshot = config.etcd.snapshot.clone();
         etcd.follow.progress_interval = config.etcd.progress_interval;
         etcd.lease_poll = LeasePollConfig {

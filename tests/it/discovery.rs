@@ -394,7 +394,10 @@ async fn a_cluster_keeps_discovery_working_when_any_one_member_dies() {
     for dead in 0..3 {
         etcd.stop_member(dead);
         let alive = (dead + 1) % 3;
-        let c = weir::discovery::connect(&[etcd.endpoint(alive)])
+        let c =
+            weir::discovery::connect(&weir::discovery::EtcdAccess::new(
+                vec![etcd.endpoint(alive)],
+            ))
             .await
             .unwrap();
         let addr = format!("127.0.0.1:{}", 8000 + dead);
@@ -447,7 +450,10 @@ async fn a_frozen_member_is_left_for_another_and_nothing_written_meanwhile_is_mi
     // Written through another member while the watched one is frozen (the
     // two left elect a leader first if the frozen one led).
     let other = (watched + 1) % 3;
-    let mut c = weir::discovery::connect(&[etcd.endpoint(other)])
+    let mut c =
+        weir::discovery::connect(&weir::discovery::EtcdAccess::new(
+            vec![etcd.endpoint(other)],
+        ))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);

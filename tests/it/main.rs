@@ -2,6 +2,7 @@
 
 mod demo;
 mod discovery;
+mod etcd_auth;
 mod grpcio;
 mod guide;
 mod hostile;

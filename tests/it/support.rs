@@ -90,7 +90,7 @@ pub fn addrs(table: &ServiceTable, service: &str) -> Vec<String> {
 }
 
 pub async fn client(etcd: &Etcd) -> etcd_client::Client {
-    discovery::connect(&etcd.endpoints())
+    discovery::connect(&discovery::EtcdAccess::new(etcd.endpoints()))
         .await
         .expect("etcd client")
 }
@@ -139,3 +139,4 @@ pub async fn wait_on(
 }
 
 pub mod gateway;
+pub mod pki;
