@@ -191,6 +191,8 @@ fn services(state: &AdminState) -> Value {
                         "ejected": b.outlier.is_ejected(),
                         "times_ejected": b.outlier.times_ejected(),
                         "connected": b.pool.is_connected(),
+                        "tls": b.pool.uses_tls(),
+                        "last_connect_error": b.pool.last_connect_error(),
                         "pool": b.pool.view(),
                     });
                 }

@@ -140,6 +140,42 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA (PEM).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: "require" (default) or "optional" (asked for,
+    /// checked when given, not required).
+    #[serde(default)]
+    pub client_auth: ClientAuthMode,
+}
+
+/// `[tls] client_auth`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    #[default]
+    Require,
+    Optional,
+}
+
+/// `[upstream.tls]`: TLS (and mTLS) to backends.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA certificate(s) (PEM) backends' certificates must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM) for backends that require one.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name checked in backends' certificates; by default each
+    /// backend's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Whether routes use TLS unless they say (`upstream_tls`); true.
+    #[serde(default = "defaults::yes")]
+    pub default: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -203,6 +239,9 @@ pub struct UpstreamSection {
     /// Error messages sent to clients may name backend addresses.
     #[serde(default)]
     pub name_backends_in_errors: bool,
+    /// TLS to backends; none by default.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -286,6 +325,9 @@ pub struct RouteConfig {
     /// Headers hidden by default that the route's policy may read.
     #[serde(default)]
     pub expose_headers: Vec<String>,
+    /// TLS to this route's backends, overriding `[upstream.tls] default`.
+    #[serde(default)]
+    pub upstream_tls: Option<bool>,
 }
 
 mod defaults {
@@ -485,6 +527,12 @@ impl Config {
         Ok(config)
     }
 
+    /// Whether calls on `route` reach their backends over TLS.
+    pub fn upstream_tls_for(&self, route: &RouteConfig) -> bool {
+        let default = self.upstream.tls.as_ref().is_some_and(|t| t.default);
+        route.upstream_tls.unwrap_or(default) && self.upstream.tls.is_some()
+    }
+
     fn check(&self) -> Result<(), (String, String)> {
         let fail = |key: String, msg: &str| Err((key, msg.to_owned()));
         if self.etcd.endpoints.is_empty() {
@@ -606,6 +654,29 @@ impl Config {
         }
         if self.outlier.max_ejection_percent > 100 {
             return fail("outlier.max_ejection_percent".into(), "must be at most 100");
+        }
+        // TLS to backends is chosen per service: its routes must agree.
+        let mut tls_of: std::collections::HashMap<&str, (usize, bool)> = Default::default();
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.upstream_tls == Some(true) && self.upstream.tls.is_none() {
+                return fail(
+                    format!("route[{i}].upstream_tls"),
+                    "needs [upstream.tls] (its ca at least)",
+                );
+            }
+            let tls = self.upstream_tls_for(route);
+            if let Some((j, other)) = tls_of.insert(&route.service, (i, tls)) {
+                if other != tls {
+                    return Err((
+                        format!("route[{i}].upstream_tls"),
+                        format!(
+                            "route[{j}] reaches service {:?} with upstream TLS {}: one service, one transport",
+                            route.service,
+                            if other { "on" } else { "off" }
+                        ),
+                    ));
+                }
+            }
         }
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");

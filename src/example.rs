@@ -295,6 +295,24 @@ impl EchoBackend {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> std::io::Result<EchoBackend> {
+        EchoBackend::serve(name, addr, None).await
+    }
+
+    /// Serves TLS on `127.0.0.1:0` (requiring client certificates when
+    /// `tls` has a client CA): the upstream TLS tests' backend.
+    pub async fn start_tls(
+        name: &str,
+        tls: Arc<crate::tls::ServerTls>,
+    ) -> std::io::Result<EchoBackend> {
+        EchoBackend::serve(name, "127.0.0.1:0".parse().expect("addr"), Some(tls)).await
+    }
+
+    /// Serves on `addr`, over TLS with `tls`.
+    pub async fn serve(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<Arc<crate::tls::ServerTls>>,
+    ) -> std::io::Result<EchoBackend> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(EchoStats::default());
@@ -316,7 +334,7 @@ impl EchoBackend {
         )
         .add_service(health_service);
         let kill = tokio_util::sync::CancellationToken::new();
-        let server = tokio::spawn(accept_loop(listener, routes, kill.clone()));
+        let server = tokio::spawn(accept_loop(listener, routes, tls, kill.clone()));
         Ok(EchoBackend {
             name: name.to_owned(),
             addr,
@@ -389,6 +407,7 @@ impl Drop for EchoBackend {
 async fn accept_loop(
     listener: TcpListener,
     routes: tonic::service::Routes,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     kill: tokio_util::sync::CancellationToken,
 ) {
     let mut connections = JoinSet::new();
@@ -403,11 +422,22 @@ async fn accept_loop(
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(routes.clone());
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 connections.spawn(async move {
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .adaptive_window(true)
-                        .serve_connection(TokioIo::new(stream), service);
-                    if let Err(err) = conn.await {
+                        .clone();
+                    let served = match acceptor {
+                        None => builder.serve_connection(TokioIo::new(stream), service).await,
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                            Err(err) => {
+                                tracing::debug!(cause = %err, "echo TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(err) = served {
                         tracing::debug!(cause = %err, "echo connection ended");
                     }
                 });

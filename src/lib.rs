@@ -36,7 +36,7 @@ pub mod policy;
 pub(crate) mod proxy;
 pub mod register;
 pub mod server;
-pub(crate) mod tls;
+pub mod tls;
 pub mod upstream;
 
 #[cfg(feature = "testkit")]

@@ -91,7 +91,7 @@ impl Members {
             .iter()
             .map(|e| {
                 let counts = Arc::new(MemberCounts::default());
-                Arc::new(Member::new(e.clone(), backends.get(&e.addr), counts))
+                Arc::new(Member::new(e.clone(), backends.get(&e.addr, false), counts))
             })
             .collect();
         Members { set, list }

@@ -76,7 +76,18 @@ impl Gateway {
         let grpc = bind(config.listen).await?;
         let admin = bind(config.admin).await?;
         let tls = match &config.tls {
-            Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key).map_err(StartError::Tls)?),
+            Some(t) => Some(Arc::new(
+                crate::tls::ServerTls::load(crate::tls::ServerFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    client_ca: t.client_ca.clone(),
+                    client_auth: match t.client_auth {
+                        crate::config::ClientAuthMode::Require => crate::tls::ClientAuth::Required,
+                        crate::config::ClientAuthMode::Optional => crate::tls::ClientAuth::Optional,
+                    },
+                })
+                .map_err(StartError::Tls)?,
+            )),
             None => None,
         };
         wait_until_ready(&parts.table).await;
@@ -87,6 +98,14 @@ impl Gateway {
             &config.limits,
             ClientConnMetrics::register(&mut registry),
         ));
+        if let Some(tls) = &tls {
+            let checked = tls.clone();
+            tasks.spawn(reload_tls(
+                "listener certificate ([tls])",
+                move || checked.reload_if_changed(),
+                background.clone(),
+            ));
+        }
         tasks.spawn(conn::accept(
             grpc.listener,
             tls,
@@ -161,7 +180,26 @@ async fn start_data_path(
     let policy_metrics = PolicyMetrics::register(registry);
     let etcd = EtcdConfig::from(config);
     let table = discovery::start(&etcd, discovery_metrics, tasks, background.clone()).await?;
-    let backends = Arc::new(Backends::new(PoolConfig::from(&config.upstream)));
+    let mut backends = Backends::new(PoolConfig::from(&config.upstream));
+    if let Some(t) = &config.upstream.tls {
+        let tls = Arc::new(
+            crate::tls::ClientTls::load(crate::tls::ClientFiles {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                server_name: t.server_name.clone(),
+            })
+            .map_err(|e| StartError::Tls(format!("[upstream.tls] {e}")))?,
+        );
+        let checked = tls.clone();
+        tasks.spawn(reload_tls(
+            "upstream TLS material ([upstream.tls])",
+            move || checked.reload_if_changed(),
+            background.clone(),
+        ));
+        backends = backends.with_tls(tls);
+    }
+    let backends = Arc::new(backends);
     let state = Arc::new(ProxyState::new(
         proxy_metrics.clone(),
         backends.clone(),
@@ -169,10 +207,19 @@ async fn start_data_path(
         CallLimits::from(&config.limits),
         config.upstream.name_backends_in_errors,
     ));
+    let transport = crate::proxy::services::UpstreamTransport {
+        tls_by_default: config.upstream.tls.as_ref().is_some_and(|t| t.default),
+        services: config
+            .routes
+            .iter()
+            .map(|r| (r.service.clone(), config.upstream_tls_for(r)))
+            .collect(),
+    };
     let services = Arc::new(ServiceRuntimes::new(
         table.clone(),
         proxy_metrics,
         RetrySettings::from(&config.retry),
+        transport,
     ));
     let policies = start_policies(config, policy_metrics, tasks, background).await?;
     let router = Router::new(&config.routes, &services, |route| {
@@ -327,4 +374,36 @@ fn route_policy(policies: &PolicySet, route: &RouteConfig) -> Arc<dyn Balancer> 
         return Arc::new(RoundRobin::default());
     }
     policies.balancer(&route.policy)
+}
+
+/// How often certificate and key files are checked for changes.
+pub const TLS_RELOAD_EVERY: Duration = Duration::from_millis(500);
+
+/// Reloads TLS material (`what`) with `check` whenever its files change:
+/// new connections use the new material, established ones keep theirs.
+async fn reload_tls(
+    what: &'static str,
+    check: impl Fn() -> crate::tls::Reload + Clone + Send + Sync + 'static,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(TLS_RELOAD_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match tokio::task::spawn_blocking(check.clone()).await {
+            Ok(crate::tls::Reload::Unchanged) => {}
+            Ok(crate::tls::Reload::Reloaded) => {
+                tracing::info!(what, "TLS material reloaded; new connections use it")
+            }
+            Ok(crate::tls::Reload::Failed(err)) => tracing::warn!(
+                what,
+                cause = %err,
+                "TLS files changed but cannot be used; the previous material keeps serving"
+            ),
+            Err(err) => tracing::error!(what, cause = %err, "TLS reload task failed"),
+        }
+    }
 }

@@ -19,6 +19,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::metrics::{encode_counters, encode_gauges, BackendLabel, HealthLabels};
+use crate::tls::ClientTls;
 
 pub use health::HealthCheckSettings;
 pub use load::Load;
@@ -60,9 +61,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(addr: Arc<str>, pool: PoolConfig) -> Self {
+    fn new(addr: Arc<str>, pool: PoolConfig, tls: Option<Arc<ClientTls>>) -> Self {
         Backend {
-            pool: Arc::new(Pool::new(addr.clone(), pool)),
+            pool: Arc::new(Pool::new(addr.clone(), pool, tls)),
             addr,
             load: Load::default(),
             outlier: Outlier::default(),
@@ -129,11 +130,16 @@ impl Backend {
     }
 }
 
-/// Interns backends by address.
+/// A backend's address, and whether it is reached over TLS.
+type BackendKey = (Arc<str>, bool);
+
+/// Interns backends by address and transport (one address may be reached
+/// over TLS for one service and in the clear for another).
 #[derive(Debug)]
 pub struct Backends {
-    map: Mutex<HashMap<Arc<str>, Weak<Backend>>>,
+    map: Mutex<HashMap<BackendKey, Weak<Backend>>>,
     pool: PoolConfig,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Backends {
@@ -141,26 +147,36 @@ impl Backends {
         Backends {
             map: Mutex::new(HashMap::new()),
             pool,
+            tls: None,
         }
     }
 
-    pub fn get(&self, addr: &Arc<str>) -> Arc<Backend> {
+    /// Backends asked for with `tls` are reached with this material.
+    pub fn with_tls(mut self, tls: Arc<ClientTls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The backend at `addr`, over TLS when `tls` (and TLS is configured).
+    pub fn get(&self, addr: &Arc<str>, tls: bool) -> Arc<Backend> {
+        let tls = if tls { self.tls.clone() } else { None };
+        let key = (addr.clone(), tls.is_some());
         let mut map = self.map.lock().expect("backends poisoned");
-        if let Some(b) = map.get(addr).and_then(Weak::upgrade) {
+        if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
             return b;
         }
-        let b = Arc::new(Backend::new(addr.clone(), self.pool.clone()));
-        map.insert(addr.clone(), Arc::downgrade(&b));
+        let b = Arc::new(Backend::new(addr.clone(), self.pool.clone(), tls));
+        map.insert(key, Arc::downgrade(&b));
         b
     }
 
-    /// The backend at `addr`, if one exists.
+    /// A backend at `addr`, if one exists (over either transport).
     pub fn find(&self, addr: &str) -> Option<Arc<Backend>> {
-        self.map
-            .lock()
-            .expect("backends poisoned")
-            .get(addr)
-            .and_then(Weak::upgrade)
+        let map = self.map.lock().expect("backends poisoned");
+        let addr: Arc<str> = addr.into();
+        [true, false]
+            .into_iter()
+            .find_map(|tls| map.get(&(addr.clone(), tls)).and_then(Weak::upgrade))
     }
 
     /// Every backend still referenced; forgets the others.
@@ -261,6 +277,12 @@ impl Collector for BackendStats {
             "upstream_ping_backoffs",
             "times a backend's GOAWAY ENHANCE_YOUR_CALM doubled its keep-alive interval",
             counter(|v| v.ping_backoffs),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "upstream_tls_failures",
+            "connections to a backend whose TLS handshake failed (its certificate did not verify, or ours was refused)",
+            counter(|v| v.tls_failures),
         )?;
         encode_gauges(
             &mut encoder,

@@ -21,6 +21,8 @@ use crate::upstream::Backends;
 /// Everything the data path keeps per service.
 pub struct ServiceRuntime {
     pub name: Arc<str>,
+    /// Its backends are reached over TLS.
+    pub tls: bool,
     slot: Arc<ServiceSlot>,
     members: ArcSwap<Members>,
     /// The built-in round-robin: the policy of unrouted calls, and the
@@ -67,7 +69,11 @@ impl ServiceRuntime {
                             c
                         }
                     };
-                    Arc::new(Member::new(e.clone(), backends.get(&e.addr), shared))
+                    Arc::new(Member::new(
+                        e.clone(),
+                        backends.get(&e.addr, self.tls),
+                        shared,
+                    ))
                 }
             })
             .collect();
@@ -97,6 +103,24 @@ pub struct ServiceRuntimes {
     writer: Mutex<()>,
     metrics: ProxyMetrics,
     retry: RetrySettings,
+    transport: UpstreamTransport,
+}
+
+/// Which services' backends are reached over TLS: named ones (from their
+/// routes), and the rest.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamTransport {
+    pub tls_by_default: bool,
+    pub services: HashMap<String, bool>,
+}
+
+impl UpstreamTransport {
+    fn tls(&self, service: &str) -> bool {
+        self.services
+            .get(service)
+            .copied()
+            .unwrap_or(self.tls_by_default)
+    }
 }
 
 impl std::fmt::Debug for ServiceRuntimes {
@@ -108,13 +132,19 @@ impl std::fmt::Debug for ServiceRuntimes {
 }
 
 impl ServiceRuntimes {
-    pub fn new(table: Arc<ServiceTable>, metrics: ProxyMetrics, retry: RetrySettings) -> Self {
+    pub fn new(
+        table: Arc<ServiceTable>,
+        metrics: ProxyMetrics,
+        retry: RetrySettings,
+        transport: UpstreamTransport,
+    ) -> Self {
         ServiceRuntimes {
             table,
             map: ArcSwap::from_pointee(HashMap::new()),
             writer: Mutex::new(()),
             metrics,
             retry,
+            transport,
         }
     }
 
@@ -146,6 +176,7 @@ impl ServiceRuntimes {
         };
         let rt = Arc::new(ServiceRuntime {
             name: name.into(),
+            tls: self.transport.tls(name),
             members: ArcSwap::from_pointee(Members::new(
                 Arc::new(EndpointSet::empty(set.service.clone())),
                 Vec::new(),

@@ -84,7 +84,7 @@ impl Drop for Admitted {
 /// Accepts client connections until `stop`, each served under `limits`.
 pub(super) async fn accept(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     proxy: Arc<Proxy>,
     limits: Arc<ClientLimits>,
     connections: TaskTracker,
@@ -104,7 +104,7 @@ pub(super) async fn accept(
             };
             let accepted = Instant::now();
             let handshake_deadline = accepted + limits.handshake_timeout;
-            let Some(acceptor) = tls else {
+            let Some(acceptor) = tls.map(|t| t.acceptor()) else {
                 serve_connection(stream, peer, proxy, &limits, accepted, stop).await;
                 drop(admitted);
                 return;

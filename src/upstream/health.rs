@@ -176,7 +176,7 @@ mod tests {
     #[tokio::test]
     async fn a_probe_of_an_address_that_is_no_uri_says_not_serving_instead_of_panicking() {
         let backends = Backends::new(PoolConfig::default());
-        let b = backends.get(&"a b:80".into());
+        let b = backends.get(&"a b:80".into(), false);
         let request = Bytes::from(grpc_frame(&HealthCheckRequest::default()));
         let verdict = probe(&b, &HealthCheckSettings::default(), request).await;
         assert_eq!(verdict, Some(CheckedHealth::NotServing));
@@ -185,7 +185,7 @@ mod tests {
     #[test]
     fn thresholds_gate_transitions() {
         let backends = Backends::new(PoolConfig::default());
-        let b = backends.get(&"127.0.0.1:1".into());
+        let b = backends.get(&"127.0.0.1:1".into(), false);
         assert_eq!(
             b.record_check(CheckedHealth::Serving, 2, 2),
             Some(CheckedHealth::Serving),

@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 use super::replay::ReplayBody;
 use crate::errors::chain as error_chain;
@@ -74,6 +75,8 @@ pub enum ConnectError {
     Io { addr: Arc<str>, cause: String },
     #[error("HTTP/2 handshake with {addr} failed: {cause}")]
     Handshake { addr: Arc<str>, cause: String },
+    #[error("TLS with {addr} failed: {cause}")]
+    Tls { addr: Arc<str>, cause: String },
 }
 
 /// Why no stream could be had.
@@ -138,11 +141,14 @@ struct Stats {
     queue_timeouts: AtomicU64,
     ping_backoffs: AtomicU64,
     goaways: AtomicU64,
+    tls_failures: AtomicU64,
 }
 
 pub struct Pool {
     addr: Arc<str>,
     config: PoolConfig,
+    /// TLS to this backend (`[upstream.tls]`, the route's `upstream_tls`).
+    tls: Option<Arc<crate::tls::ClientTls>>,
     conns: Mutex<Conns>,
     /// Wakes callers waiting for a stream or a connection.
     freed: Notify,
@@ -207,16 +213,24 @@ pub struct PoolView {
     pub goaways: u64,
     pub ping_backoffs: u64,
     pub keepalive_interval_ms: u64,
+    /// Connections whose TLS handshake failed (a certificate that does
+    /// not verify, a refused client certificate).
+    pub tls_failures: u64,
 }
 
 impl Pool {
-    pub fn new(addr: Arc<str>, config: PoolConfig) -> Self {
+    pub fn new(
+        addr: Arc<str>,
+        config: PoolConfig,
+        tls: Option<Arc<crate::tls::ClientTls>>,
+    ) -> Self {
         let keepalive_ms = config
             .keepalive_interval
             .map_or(0, |d| d.as_millis() as u64);
         Pool {
             addr,
             config,
+            tls,
             conns: Mutex::new(Conns {
                 open: Vec::new(),
                 connecting: 0,
@@ -381,7 +395,20 @@ impl Pool {
             goaways: self.stats.goaways.load(Ordering::Relaxed),
             ping_backoffs: self.stats.ping_backoffs.load(Ordering::Relaxed),
             keepalive_interval_ms: self.keepalive_ms.load(Ordering::Relaxed),
+            tls_failures: self.stats.tls_failures.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether calls reach this backend over TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Why the last connection attempt failed, while no connection since
+    /// has succeeded.
+    pub fn last_connect_error(&self) -> Option<String> {
+        let conns = self.conns.lock().expect("pool poisoned");
+        conns.last_failure.as_ref().map(|(_, e)| e.to_string())
     }
 
     /// The connection ended: a backend that found our pings too frequent
@@ -456,7 +483,13 @@ async fn connect_into(pool: Arc<Pool>) {
                 conns.last_failure = None;
             }
             Err(err) => {
-                tracing::debug!(backend = %pool.addr, cause = %err, "connect failed");
+                if let ConnectError::Tls { .. } = err {
+                    // A certificate problem does not mend itself: say it.
+                    pool.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(backend = %pool.addr, cause = %err, "backend unusable: TLS handshake failed");
+                } else {
+                    tracing::debug!(backend = %pool.addr, cause = %err, "connect failed");
+                }
                 conns.failures += 1;
                 conns.last_failure = Some((conns.failures, err));
             }
@@ -482,6 +515,24 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
         // Still usable, only slower for small frames.
         tracing::debug!(backend = %addr, cause = %err, "cannot set TCP_NODELAY");
     }
+    let stream = match &pool.tls {
+        None => Either::Left(stream),
+        Some(tls) => {
+            let tls_error = |cause: String| ConnectError::Tls {
+                addr: addr.clone(),
+                cause,
+            };
+            let name = tls.server_name(addr).map_err(tls_error)?;
+            let handshake = tls.connector().connect(name, stream);
+            let tls_stream = tokio::time::timeout(config.connect_timeout, handshake)
+                .await
+                .map_err(|_| {
+                    tls_error(format!("no handshake within {:?}", config.connect_timeout))
+                })?
+                .map_err(|e| tls_error(error_chain(&e)))?;
+            Either::Right(tls_stream)
+        }
+    };
     let keepalive = match pool.keepalive_ms.load(Ordering::Relaxed) {
         0 => None,
         ms => Some(Duration::from_millis(ms)),
@@ -546,8 +597,11 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
     }))
 }
 
+/// A backend connection: plain TCP, or TLS over it.
+type Transport = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
 type Connection =
-    hyper::client::conn::http2::Connection<TokioIo<FrameTap<TcpStream>>, ReplayBody, TokioExecutor>;
+    hyper::client::conn::http2::Connection<TokioIo<FrameTap<Transport>>, ReplayBody, TokioExecutor>;
 
 /// Drives a connection, noting the backend's stream limit after each step
 /// (its SETTINGS frames are read while the connection runs).

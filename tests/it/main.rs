@@ -14,4 +14,5 @@ mod serve;
 mod signals;
 mod support;
 mod tidy;
+mod tls;
 mod trust;

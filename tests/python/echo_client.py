@@ -4,7 +4,8 @@ Compiles proto/weir/example/v1/echo.proto with grpcio-tools, then checks every
 call kind, metadata and trailers, an error with details, a deadline, and a
 16 MiB message. Exits non-zero, naming the check, on any failure.
 
-usage: echo_client.py HOST:PORT PROTO_DIR
+usage: echo_client.py HOST:PORT PROTO_DIR [CA CERT KEY]
+With CA, CERT and KEY (PEM files) it calls over TLS, presenting CERT.
 """
 import sys
 
@@ -16,8 +17,15 @@ def main():
     target, proto_dir = sys.argv[1], sys.argv[2]
     pb, rpc = load_stubs(proto_dir)
     big = 64 * 1024 * 1024
-    channel = grpc.insecure_channel(target, options=[
-        ("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)])
+    options = [("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
+    if len(sys.argv) > 3:
+        ca, cert, key = (open(p, "rb").read() for p in sys.argv[3:6])
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        # The gateway's certificate names localhost; the target is an address.
+        options.append(("grpc.ssl_target_name_override", "localhost"))
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
     stub = rpc.EchoStub(channel)
     checks = []
 

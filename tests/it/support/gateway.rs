@@ -68,6 +68,11 @@ impl Env {
 
     pub async fn add_backend(&mut self, service: &str, name: &str, weight: u32) -> usize {
         let echo = EchoBackend::start(name).await.expect("echo backend");
+        self.add_started(service, echo, weight).await
+    }
+
+    /// Registers a backend started elsewhere (over TLS, say).
+    pub async fn add_started(&mut self, service: &str, echo: EchoBackend, weight: u32) -> usize {
         let mut spec = RegistrationSpec::new(PREFIX, service, &echo.addr.to_string());
         spec.weight = weight;
         let mut reg = Registration::spawn(client(&self.etcd).await, spec).expect("registration");
