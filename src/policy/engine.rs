@@ -2,7 +2,7 @@
 //! that bounds every pick in time. Compiling a policy happens here, off the
 //! hot path.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -180,6 +180,12 @@ impl PolicyEngine {
         })
     }
 
+    /// Call before entering guest code and keep while it runs: the epoch
+    /// that bounds it advances only while some guest runs.
+    pub fn running(&self) -> Running<'_> {
+        self.ticker.running()
+    }
+
     /// Stops the epoch ticker (also done on drop).
     pub fn stop(&mut self) {
         self.ticker.stop();
@@ -254,33 +260,81 @@ fn lower_priority() {
     }
 }
 
-/// A thread that advances the engine's epoch every `TICK`, joined on drop.
+/// A thread that advances the engine's epoch every `TICK` while guest code
+/// runs, joined on drop. Only then does anything need bounding: with no
+/// guest running for `LINGER` it parks, so an idle gateway has no wake-ups
+/// from it (it used to tick 4,000 times a second regardless); the next
+/// [`Running`] wakes it.
 struct Ticker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
     thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct TickerShared {
+    stop: AtomicBool,
+    /// Guest calls running now.
+    active: AtomicUsize,
+}
+
+/// Ticks without a guest running before the ticker parks (100 ms): steady
+/// traffic never pays for waking it.
+const LINGER: u32 = 400;
+
+/// Held while guest code runs (a pick, an observation, an instantiation):
+/// the epoch that bounds it advances meanwhile.
+pub struct Running<'a>(&'a TickerShared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Ticker {
     fn start(engine: Engine) -> std::io::Result<Ticker> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerShared::default());
+        let seen = shared.clone();
         let thread = std::thread::Builder::new()
             .name("weir-policy-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                let mut idle_ticks = 0u32;
+                while !seen.stop.load(Ordering::Relaxed) {
+                    if seen.active.load(Ordering::Acquire) == 0 {
+                        idle_ticks += 1;
+                        if idle_ticks > LINGER {
+                            // Woken by the next guest call (or by stop).
+                            std::thread::park();
+                            idle_ticks = 0;
+                            continue;
+                        }
+                    } else {
+                        idle_ticks = 0;
+                    }
                     std::thread::sleep(TICK);
                     engine.increment_epoch();
                 }
             })?;
         Ok(Ticker {
-            stop,
+            shared,
             thread: Some(thread),
         })
     }
 
+    fn running(&self) -> Running<'_> {
+        if self.shared.active.fetch_add(1, Ordering::AcqRel) == 0 {
+            if let Some(t) = &self.thread {
+                // Cheap when it is not parked (no system call).
+                t.thread().unpark();
+            }
+        }
+        Running(&self.shared)
+    }
+
     fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             if t.join().is_err() {
                 // It only sleeps and increments: a panic there is a bug to hear of.
                 tracing::error!("the policy epoch ticker thread panicked");
@@ -324,8 +378,71 @@ mod tests {
         found
     }
 
+    /// Context switches of this process's threads named `name` (15 bytes
+    /// at most), by thread id.
+    fn switches(name: &str) -> std::collections::BTreeMap<String, u64> {
+        let mut found = std::collections::BTreeMap::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let voluntary = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            found.insert(task.file_name().to_string_lossy().into_owned(), voluntary);
+        }
+        found
+    }
+
+    /// With no guest running the epoch ticker parks: it does not wake.
+    /// Running guest code wakes it (it ticks while the guard lives).
+    /// The tests here find their engine's threads by name: one engine at a time.
+    static ONE_ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn the_epoch_ticker_sleeps_while_no_guest_runs() {
+        let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+        let before = switches("weir-policy-epo");
+        let engine = PolicyEngine::new(Limits::default(), None).unwrap();
+        let tid = switches("weir-policy-epo")
+            .into_keys()
+            .find(|t| !before.contains_key(t))
+            .expect("this engine's ticker thread");
+        let count = || {
+            *switches("weir-policy-epo")
+                .get(&tid)
+                .expect("the ticker thread lives as long as its engine")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let a = count();
+            std::thread::sleep(Duration::from_millis(200));
+            if count() == a {
+                break; // no wake-up in 200 ms: parked
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ticker never parked"
+            );
+        }
+        let running = engine.running();
+        let a = count();
+        std::thread::sleep(Duration::from_millis(50));
+        let b = count();
+        drop(running);
+        assert!(
+            b > a + 10,
+            "ticking while a guest runs: {a} -> {b} switches"
+        );
+    }
+
     #[test]
     fn components_compile_on_a_thread_of_low_priority() {
+        let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
         let engine = PolicyEngine::new(Limits::default(), None).unwrap();
         // An empty component compiles (and fails the world check after).
         let _ = engine.compile(b"\0asm\x0d\0\x01\0");

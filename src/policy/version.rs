@@ -210,10 +210,12 @@ impl PolicyVersion {
             view.options = ctx.options.cloned();
             view.hidden_headers = Some(Arc::clone(ctx.hidden_headers));
         }
+        let running = engine.running();
         live.store.set_epoch_deadline(engine.deadline_ticks());
         let result = live
             .bindings
             .call_pick(&mut live.store, count, generation, rand::random());
+        drop(running);
         let view = &mut live.store.data_mut().call;
         view.members = None;
         view.headers = None;
@@ -243,6 +245,7 @@ impl PolicyVersion {
         let Some(observe) = live.observe else {
             return Ok(());
         };
+        let _running = engine.running();
         live.store.set_epoch_deadline(engine.deadline_ticks());
         let args = (
             outcome.generation,
@@ -304,6 +307,7 @@ impl PolicyVersion {
         let mut store = Store::new(engine.engine(), state);
         store.limiter(|s| &mut s.limits);
         // Instantiating (memory set-up, start functions) gets more room than a pick.
+        let _running = engine.running();
         store.set_epoch_deadline(engine.instantiate_ticks());
         let instance = self.pre.instance_pre().instantiate(&mut store)?;
         let bindings = Balancer::new(&mut store, &instance)?;
