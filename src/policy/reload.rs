@@ -47,6 +47,11 @@ pub fn spawn_dir_watch(
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            // Opening a file is an event too (inotify's IN_OPEN): reading a
+            // component on an event must not make another, or the watch
+            // feeds itself (it did: hundreds of wake-ups a second, idle).
+            // Only a close after writing is news among the accesses.
+            Ok(event) if is_read(&event.kind) => {}
             Ok(event) => {
                 for path in event.paths {
                     let _receiver_gone_on_shutdown = tx.send(path);
@@ -143,6 +148,13 @@ pub fn spawn_dir_watch(
             }
         }
     }))
+}
+
+/// An access that changes nothing: an open, a read, a close after reading.
+fn is_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(access)
+        if !matches!(access, AccessKind::Close(AccessMode::Write)))
 }
 
 /// Installs the policies discovery reads from etcd: whenever the published

@@ -114,3 +114,104 @@ async fn sigterm_drains_calls_in_flight_then_exits() {
     let log = drain_log.join().unwrap().join("\n");
     assert!(log.contains("SIGTERM") && log.contains("stopped"), "{log}");
 }
+
+/// Context switches of every thread of process `pid` so far.
+fn wakeups(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// An idle gateway with WebAssembly policies (a policy directory, picks
+/// made) wakes a few times a second at most. Regressions: the epoch ticker
+/// ticked 4,000 times a second regardless, and the directory watch fed
+/// itself (reading a component is an inotify event) hundreds of times a
+/// second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_gateway_with_wasm_policies_sleeps() {
+    let etcd = Etcd::start();
+    let echo = EchoBackend::start("idle").await.unwrap();
+    let mut reg = Registration::spawn(
+        client(&etcd).await,
+        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
+    )
+    .unwrap();
+    reg.registered().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        crate::policy::policy_file("least-conn"),
+        dir.path().join("lc.wasm"),
+    )
+    .unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n[policy]\ndir = {:?}\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"lc\"\n",
+            etcd.endpoint(0),
+            dir.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    struct Serving(std::process::Child);
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Serving(
+        Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let grpc_addr = loop {
+        let line = lines.next().expect("weir logs before exiting").unwrap();
+        if let Some(rest) = line.split("grpc_addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let mut c = EchoClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
+    crate::support::eventually("served through the policy", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move { c.unary(EchoRequest::default()).await.is_ok() }
+    })
+    .await;
+    for _ in 0..20 {
+        c.unary(EchoRequest::default()).await.unwrap();
+    }
+    drop(c);
+    // Someone reads the policy (a backup, `sha256sum`): an access, no change.
+    std::fs::read(dir.path().join("lc.wasm")).unwrap();
+    // Idle now: count wake-ups over 3 s, after the ticker's 100 ms linger.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.0.id();
+    let before = wakeups(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let per_second = (wakeups(pid) - before) as f64 / 3.0;
+    eprintln!("idle gateway: {per_second:.1} wake-ups per second");
+    assert!(
+        per_second < 100.0,
+        "an idle gateway woke {per_second:.0} times a second"
+    );
+}
