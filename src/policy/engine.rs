@@ -408,10 +408,21 @@ mod tests {
         let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
         let before = switches("weir-policy-epo");
         let engine = PolicyEngine::new(Limits::default(), None).unwrap();
-        let tid = switches("weir-policy-epo")
-            .into_keys()
-            .find(|t| !before.contains_key(t))
-            .expect("this engine's ticker thread");
+        // A new thread names itself once it runs: look until it has.
+        let named_by = std::time::Instant::now() + Duration::from_secs(10);
+        let tid = loop {
+            let new = switches("weir-policy-epo")
+                .into_keys()
+                .find(|t| !before.contains_key(t));
+            if let Some(tid) = new {
+                break tid;
+            }
+            assert!(
+                std::time::Instant::now() < named_by,
+                "this engine's ticker thread"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let count = || {
             *switches("weir-policy-epo")
                 .get(&tid)
