@@ -11,19 +11,10 @@ use tokio::time::Instant;
 use tonic::Request;
 use weir::example::pb::EchoRequest;
 
-use crate::support::gateway::{admin_get, encode, raw_call, req, Env};
+use crate::support::gateway::{admin_get, encode, frame, raw_call, req, Env};
 use crate::support::{client, eventually, key, PREFIX};
 
 const ROUTE: &str = "[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n";
-
-/// A gRPC request frame around `message`.
-fn frame(message: &[u8]) -> Bytes {
-    let mut f = Vec::with_capacity(5 + message.len());
-    f.push(0);
-    f.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    f.extend_from_slice(message);
-    Bytes::from(f)
-}
 
 async fn h2_client(
     addr: std::net::SocketAddr,
@@ -380,56 +371,20 @@ async fn call_unknown_services(addr: std::net::SocketAddr, from: usize, n: usize
 /// warm-up, 10,000 more names leave it where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_services_before_the_first_listing_make_no_state() {
-    use std::io::{BufRead, BufReader};
     let mut etcd = weir::testkit::Etcd::start();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n",
-            etcd.endpoint(0)
-        ),
-    )
-    .unwrap();
-    etcd.stop(); // no listing, no snapshot: the gateway listens after its wait
-    /// Killed however the test ends.
-    struct Serving(std::process::Child);
-    impl Drop for Serving {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Serving(
-        std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n",
+        etcd.endpoint(0)
     );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr_after = |line: &str, field: &str| -> Option<std::net::SocketAddr> {
-        let rest = line.split(field).nth(1)?;
-        rest.split_whitespace().next()?.parse().ok()
-    };
-    let (grpc, admin) = loop {
-        let line = lines.next().expect("weir logs before exiting").unwrap();
-        if let (Some(g), Some(a)) = (
-            addr_after(&line, "grpc_addr="),
-            addr_after(&line, "admin_addr="),
-        ) {
-            break (g, a);
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop)); // keep the pipe drained
+    etcd.stop(); // no listing, no snapshot: the gateway listens after its wait
+    let child = crate::support::process::WeirServe::start(&config);
+    let (grpc, admin) = (child.grpc_addr, child.admin_addr);
 
     call_unknown_services(grpc, 0, 2_000).await; // warm-up: buffers, allocator
     let metrics_before = admin_get(admin, "/metrics").await.1.len();
-    let rss_before = rss_bytes(child.0.id());
+    let rss_before = rss_bytes(child.pid());
     call_unknown_services(grpc, 2_000, 10_000).await;
-    let rss_after = rss_bytes(child.0.id());
+    let rss_after = rss_bytes(child.pid());
     let metrics = admin_get(admin, "/metrics").await.1;
     drop(child);
 

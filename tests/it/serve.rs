@@ -156,39 +156,12 @@ async fn an_idle_gateway_with_wasm_policies_sleeps() {
         dir.path().join("lc.wasm"),
     )
     .unwrap();
-    let path = dir.path().join("weir.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n[policy]\ndir = {:?}\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"lc\"\n",
-            etcd.endpoint(0),
-            dir.path().display().to_string()
-        ),
-    )
-    .unwrap();
-    struct Serving(std::process::Child);
-    impl Drop for Serving {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Serving(
-        Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let grpc_addr = loop {
-        let line = lines.next().expect("weir logs before exiting").unwrap();
-        if let Some(rest) = line.split("grpc_addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let child = crate::support::process::WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n[policy]\ndir = {:?}\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"lc\"\n",
+        etcd.endpoint(0),
+        dir.path().display().to_string()
+    ));
+    let grpc_addr = child.grpc_addr;
     let mut c = EchoClient::connect(format!("http://{grpc_addr}"))
         .await
         .unwrap();
@@ -205,7 +178,7 @@ async fn an_idle_gateway_with_wasm_policies_sleeps() {
     std::fs::read(dir.path().join("lc.wasm")).unwrap();
     // Idle now: count wake-ups over 3 s, after the ticker's 100 ms linger.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.0.id();
+    let pid = child.pid();
     let before = wakeups(pid);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let per_second = (wakeups(pid) - before) as f64 / 3.0;

@@ -140,3 +140,4 @@ pub async fn wait_on(
 
 pub mod gateway;
 pub mod pki;
+pub mod process;

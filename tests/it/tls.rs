@@ -11,7 +11,7 @@ use weir::example::EchoBackend;
 use weir::tls::{ClientAuth, ServerFiles, ServerTls};
 
 use crate::support::eventually;
-use crate::support::gateway::{admin_get, encode, raw_call, req, Env};
+use crate::support::gateway::{admin_get, encode, frame, raw_call, req, Env};
 use crate::support::pki::Pki;
 
 const ROUTE: &str = "[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n";
@@ -186,15 +186,13 @@ async fn client_certificates_are_required_and_the_listener_certificate_reloads()
     let addr = env.gateway().grpc_addr;
     let with_cert = client_config(&server, Some((&client_cert, &client_key)));
     let without = client_config(&server, None);
-    let grpc = [("content-type", "application/grpc")];
 
     // No certificate: the handshake (or the first read after it) fails.
     let refused = match connect_tls(addr, &without).await {
         Err(_) => true,
         Ok(stream) => {
             let served =
-                tokio::time::timeout(Duration::from_secs(5), raw_call_on_result(stream, &grpc))
-                    .await;
+                tokio::time::timeout(Duration::from_secs(5), raw_call_on_result(stream)).await;
             !matches!(served, Ok(true))
         }
     };
@@ -218,11 +216,7 @@ async fn client_certificates_are_required_and_the_listener_certificate_reloads()
         delay_ms: 50,
         ..req("long")
     };
-    let mut framed = vec![0u8];
-    let message = encode(&streamed);
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    body.send_data(framed.into(), true).unwrap();
+    body.send_data(frame(&encode(&streamed)), true).unwrap();
     let mut replies = response.await.unwrap().into_body();
     let first = replies.data().await.expect("a first reply").unwrap();
     let _ = replies.flow_control().release_capacity(first.len());
@@ -258,14 +252,13 @@ async fn client_certificates_are_required_and_the_listener_certificate_reloads()
     assert!(bytes > 0);
     // And a new connection with the new certificate is served.
     let fresh = connect_tls(addr, &with_cert).await.unwrap();
-    assert!(raw_call_on_result(fresh, &grpc).await);
+    assert!(raw_call_on_result(fresh).await);
 }
 
 /// One unary call on `stream`: whether it succeeded (any failure, the
 /// connection dropped included, is a no).
 async fn raw_call_on_result(
     stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    _headers: &[(&str, &str)],
 ) -> bool {
     let Ok((mut sender, conn)) = h2::client::handshake(stream).await else {
         return false;
@@ -281,11 +274,10 @@ async fn raw_call_on_result(
     let Ok((response, mut body)) = sender.send_request(request, false) else {
         return false;
     };
-    let message = encode(&req("over mtls"));
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    if body.send_data(framed.into(), true).is_err() {
+    if body
+        .send_data(frame(&encode(&req("over mtls"))), true)
+        .is_err()
+    {
         return false;
     }
     let Ok(response) = response.await else {

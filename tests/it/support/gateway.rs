@@ -107,6 +107,15 @@ impl Env {
     }
 }
 
+/// A gRPC message frame around `message` (uncompressed).
+pub fn frame(message: &[u8]) -> bytes::Bytes {
+    let mut f = Vec::with_capacity(5 + message.len());
+    f.push(0);
+    f.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    f.extend_from_slice(message);
+    bytes::Bytes::from(f)
+}
+
 pub fn req(message: &str) -> EchoRequest {
     EchoRequest {
         message: message.into(),
