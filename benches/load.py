@@ -24,7 +24,9 @@ Everything listens on 127.0.0.1; every run is bounded in time.
 Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
 PIN (0), WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
 commit, run beside this one as target "baseline" to tell a regression from
-the machine's noise).
+the machine's noise), TARGETS (optional: a comma-separated subset of the
+targets to measure, e.g. `weir,haproxy,baseline`; the ratio lines need their
+targets).
 """
 import json
 import os
@@ -261,13 +263,15 @@ def start_targets(work, procs, backend_count=3):
         wait_port(weir_port, tag)
         targets[tag] = weir_port
         pids[tag] = [procs.pid_of(tag)]
+        if tag == "weir":
+            native_ports = (weir_port, admin)
     baseline = os.environ.get("WEIR_BASELINE")
     if baseline:
         base_port, base_admin = free_port(), free_port()
         base_toml = os.path.join(work, "baseline.toml")
         with open(os.path.join(work, "weir.toml")) as src, open(base_toml, "w") as f:
-            f.write(src.read().replace(f"127.0.0.1:{weir_port}", f"127.0.0.1:{base_port}")
-                    .replace(f"127.0.0.1:{admin}", f"127.0.0.1:{base_admin}"))
+            f.write(src.read().replace(f"127.0.0.1:{native_ports[0]}", f"127.0.0.1:{base_port}")
+                    .replace(f"127.0.0.1:{native_ports[1]}", f"127.0.0.1:{base_admin}"))
         procs.start("baseline", pinned([baseline, "serve", "--config", base_toml], 1), env={**os.environ, "WEIR_LOG": "warn"})
         wait_port(base_port, "baseline weir")
         targets["baseline"] = base_port
@@ -340,11 +344,15 @@ def start_targets(work, procs, backend_count=3):
 
 
 def measure(work, targets, pids):
+    wanted = os.environ.get("TARGETS")
+    if wanted:
+        keep = wanted.split(",")
+        targets = {t: p for t, p in targets.items() if t in keep}
     for tag, port in targets.items():
         statuses_ok(port, tag)  # also warms every proxy's connections
     time.sleep(1)
     idle = {}
-    for tag in ("weir", "weir-wasm-lc"):
+    for tag in [t for t in ("weir", "weir-wasm-lc") if t in targets]:
         before = wakeups(pids[tag][0])
         time.sleep(5)
         idle[tag] = (wakeups(pids[tag][0]) - before) / 5
@@ -378,12 +386,13 @@ def measure(work, targets, pids):
     for t in targets:
         print(f"{t:<12} {med[t]['rps']:>9.0f} {med[t]['p50']:>8.2f} {med[t]['p99']:>8.2f} {med[t]['cpu_us']:>12.1f}")
     print()
-    print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
-          f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
-    if "baseline" in med:
+    if all(t in med for t in ("weir", "weir-wasm-lc", "weir-wasm-rr")):
+        print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
+              f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
+    if "baseline" in med and "weir" in med:
         print(f"weir/baseline: throughput ratio {med['weir']['rps'] / med['baseline']['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med['baseline']['p99']:.2f}")
-    for other in ("nginx", "envoy", "haproxy"):
+    for other in [t for t in ("nginx", "envoy", "haproxy") if t in med and "weir" in med]:
         print(f"weir/{other}: throughput ratio {med['weir']['rps'] / med[other]['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med[other]['p99']:.2f}")
 

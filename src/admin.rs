@@ -75,9 +75,17 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let closing = cancel.clone();
-    crate::listener::accept_loop("admin", listener, tasks, cancel, move |stream, _peer| {
+    let here = crate::listener::Runtimes::here();
+    crate::listener::accept_loop("admin", listener, here, tasks, cancel, move |incoming, peer| {
         let (state, closing) = (state.clone(), closing.clone());
         async move {
+            let stream = match incoming.into_stream() {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(%peer, cause = %err, "admin connection lost before it was served");
+                    return;
+                }
+            };
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req)) }

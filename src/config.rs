@@ -37,7 +37,9 @@ pub struct Config {
     /// (`Authorization: Bearer <token>`); none required when unset.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
-    /// Runtime worker threads; 0 = one per CPU core.
+    /// Threads serving client connections, each a single-threaded runtime
+    /// (the first is the main thread, which also runs discovery, health
+    /// checks and the admin listener); 0 = one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
     /// How long calls in flight may finish after SIGTERM.
@@ -497,6 +499,15 @@ pub fn valid_policy_name(name: &str) -> bool {
 }
 
 impl Config {
+    /// How many threads serve client connections: `worker_threads`, or one
+    /// per core when it is 0.
+    pub fn data_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

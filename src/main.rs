@@ -180,15 +180,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // `weir serve` runs its own layout: one single-threaded runtime per data
+    // thread (server::Gateway starts the others); this one, on the main
+    // thread, also runs discovery, health checks and the admin listener.
+    let mut runtime = match &cli.command {
+        Command::Serve { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Command::Serve { config } = &cli.command {
-        // Read early: the file says how many worker threads the runtime gets.
-        let threads = weir::config::Config::load(config)?.worker_threads;
-        if threads > 0 {
-            runtime.worker_threads(threads);
-        }
-    }
     let runtime = runtime.build().context("starting the tokio runtime")?;
     runtime.block_on(run(cli.command))
 }

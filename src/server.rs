@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{Balancer, RoundRobin};
 use crate::config::{Config, RouteConfig};
 use crate::discovery::{self, EtcdConfig, ServiceTable};
+use crate::listener::Runtimes;
 use crate::metrics::{ClientConnMetrics, DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
 use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
@@ -59,6 +60,14 @@ pub struct Gateway {
     connections: TaskTracker,
     tasks: TaskTracker,
     drain_timeout: Duration,
+    /// Ends the data threads (after a shutdown, or when dropped).
+    data_threads: CancellationToken,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.data_threads.cancel();
+    }
 }
 
 impl Gateway {
@@ -106,8 +115,13 @@ impl Gateway {
                 background.clone(),
             ));
         }
+        let data_threads = CancellationToken::new();
+        let runtimes = Runtimes::start(config.data_threads() - 1, &data_threads)
+            .map_err(|e| StartError::Config(format!("starting the data threads: {e}")))?;
+        let threads = runtimes.count();
         tasks.spawn(conn::accept(
             grpc.listener,
+            runtimes,
             tls,
             parts.proxy.clone(),
             limits,
@@ -128,7 +142,7 @@ impl Gateway {
             tasks.clone(),
             background.clone(),
         ));
-        tracing::info!(grpc_addr = %grpc.addr, admin_addr = %admin.addr, tls = config.tls.is_some(), "weir serving");
+        tracing::info!(grpc_addr = %grpc.addr, admin_addr = %admin.addr, tls = config.tls.is_some(), threads, "weir serving");
         Ok(Gateway {
             grpc_addr: grpc.addr,
             admin_addr: admin.addr,
@@ -140,6 +154,7 @@ impl Gateway {
             connections,
             tasks,
             drain_timeout: config.drain_timeout,
+            data_threads,
         })
     }
 

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::LimitsSection;
+use crate::listener::Runtimes;
 use crate::metrics::ClientConnMetrics;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::Proxy;
@@ -81,9 +82,11 @@ impl Drop for Admitted {
     }
 }
 
-/// Accepts client connections until `stop`, each served under `limits`.
+/// Accepts client connections until `stop`, each served under `limits` on
+/// one of `runtimes`.
 pub(super) async fn accept(
     listener: TcpListener,
+    runtimes: Runtimes,
     tls: Option<Arc<crate::tls::ServerTls>>,
     proxy: Arc<Proxy>,
     limits: Arc<ClientLimits>,
@@ -91,7 +94,7 @@ pub(super) async fn accept(
     stop: CancellationToken,
 ) {
     let serving = stop.clone();
-    crate::listener::accept_loop("grpc", listener, connections, stop, move |stream, peer| {
+    crate::listener::accept_loop("grpc", listener, runtimes, connections, stop, move |incoming, peer| {
         let (proxy, stop, tls) = (proxy.clone(), serving.clone(), tls.clone());
         // Admitted (or not) here, before the task runs: the cap holds however
         // fast connections arrive. Refused ones are closed at once.
@@ -101,6 +104,13 @@ pub(super) async fn accept(
             let Some(admitted) = admitted else {
                 tracing::debug!(%peer, "connection refused: limits.max_connections open");
                 return;
+            };
+            let stream = match incoming.into_stream() {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(%peer, cause = %err, "cannot register a handed-over connection");
+                    return;
+                }
             };
             let accepted = Instant::now();
             let handshake_deadline = accepted + limits.handshake_timeout;

@@ -188,3 +188,79 @@ async fn an_idle_gateway_with_wasm_policies_sleeps() {
         "an idle gateway woke {per_second:.0} times a second"
     );
 }
+
+/// CPU ticks (utime + stime) of each thread of `pid`, by thread name.
+fn ticks_by_thread(pid: u32) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((_, after_name)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = fields
+            .get(11)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        found.push((name.trim().to_owned(), ticks));
+    }
+    found
+}
+
+/// `worker_threads = 3`: client connections are spread over the main thread
+/// and two data threads (thread-per-core), and each of them serves calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_over_the_data_threads() {
+    let etcd = Etcd::start();
+    let echo = EchoBackend::start("spread").await.unwrap();
+    let mut reg = Registration::spawn(
+        client(&etcd).await,
+        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
+    )
+    .unwrap();
+    reg.registered().await;
+    let child = crate::support::process::WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 3\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n",
+        etcd.endpoint(0),
+    ));
+    let grpc_addr = child.grpc_addr;
+    let data_threads = |pid| {
+        ticks_by_thread(pid)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("weir-data-"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(data_threads(child.pid()).len(), 2, "two data threads run");
+    let before = data_threads(child.pid());
+    // Six connections (one per tonic client), calling at once.
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let mut c = EchoClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+        calls.push(tokio::spawn(async move {
+            for _ in 0..3000 {
+                c.unary(EchoRequest::default()).await.unwrap();
+            }
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let after = data_threads(child.pid());
+    eprintln!("data threads' CPU ticks before {before:?}, after {after:?}");
+    for ((name, was), (_, is)) in before.iter().zip(&after) {
+        assert!(
+            is - was >= 3,
+            "{name} served (almost) nothing: {was} -> {is} ticks"
+        );
+    }
+}
