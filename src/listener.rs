@@ -20,6 +20,19 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+thread_local! {
+    /// The index of the serving runtime this thread runs (see [`Runtimes`]).
+    static RUNTIME: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Which serving runtime the calling thread runs: 0 for the accepting one
+/// (and any thread that is not a data thread), N for `weir-data-N`. The
+/// upstream pool keeps each runtime's calls on connections that runtime
+/// drives, so a call and its upstream connection share a thread.
+pub fn runtime_index() -> usize {
+    RUNTIME.with(|r| r.get())
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -78,7 +91,10 @@ impl Runtimes {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("weir-data-{n}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))?;
+                .spawn(move || {
+                    RUNTIME.with(|r| r.set(n));
+                    runtime.block_on(stop.cancelled())
+                })?;
         }
         Ok(Runtimes::with_handles(handles))
     }

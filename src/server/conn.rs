@@ -230,7 +230,10 @@ async fn serve_connection<IO>(
         // as open until both are done, however the call ends.
         let mut stream = OpenStream::new(on_request.clone());
         async move {
-            let response = proxy.handle(req).await;
+            // Boxed: the call's future is large (routing, retries, the
+            // policy pick, the upstream exchange) and hyper moves the stream's
+            // future into its task; a box moves as a pointer.
+            let response = Box::pin(proxy.handle(req)).await;
             stream.answered = true;
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 inner: body,

@@ -111,6 +111,8 @@ struct Conn {
     peer_max: Arc<AtomicUsize>,
     /// A GOAWAY arrived: the calls on it finish, no new one starts.
     going_away: Arc<AtomicBool>,
+    /// The serving runtime whose thread drives it (`listener::runtime_index`).
+    home: usize,
 }
 
 impl Conn {
@@ -294,19 +296,28 @@ impl Pool {
         let mut conns = self.conns.lock().expect("pool poisoned");
         conns.open.retain(|c| c.usable());
         let cap = self.config.max_streams_per_connection;
-        let roomiest = conns
-            .open
-            .iter()
-            .filter(|c| c.streams.load(Ordering::Relaxed) < c.limit(cap))
-            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
-            .cloned();
+        let here = crate::listener::runtime_index();
+        let roomiest = |home_only: bool| {
+            conns
+                .open
+                .iter()
+                .filter(|c| !home_only || c.home == here)
+                .filter(|c| c.streams.load(Ordering::Relaxed) < c.limit(cap))
+                .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+                .cloned()
+        };
+        // A connection this thread drives first: a call and its upstream
+        // connection on one thread wake each other without crossing threads.
+        let roomiest = roomiest(true).or_else(|| roomiest(false));
         let max = self.config.max_connections.max(1);
         if let Some(conn) = roomiest {
-            // Spread over the first `connections` before packing them: open
-            // the next one in the background; this call need not wait.
+            // Spread over the first `connections` before packing them, and
+            // give every serving thread its own: open the next one in the
+            // background; this call need not wait.
             let busy = conn.streams.load(Ordering::Relaxed) > 0;
-            if busy && conns.connecting == 0 && conns.open.len() < self.config.connections.min(max)
-            {
+            let away = conn.home != here;
+            let spread = busy && conns.open.len() < self.config.connections.min(max);
+            if (spread || away) && conns.connecting == 0 && conns.open.len() < max {
                 conns.connecting += 1;
                 tokio::spawn(connect_into(self.clone()));
             }
@@ -594,6 +605,7 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
         streams: AtomicU32::new(0),
         peer_max,
         going_away,
+        home: crate::listener::runtime_index(),
     }))
 }
 

@@ -238,7 +238,14 @@ async fn client_connections_are_spread_over_the_data_threads() {
             .filter(|(name, _)| name.starts_with("weir-data-"))
             .collect::<Vec<_>>()
     };
-    assert_eq!(data_threads(child.pid()).len(), 2, "two data threads run");
+    // A new thread names itself once it runs: look until both have.
+    let pid = child.pid();
+    crate::support::eventually(
+        "two data threads run",
+        Duration::from_secs(10),
+        || async move { data_threads(pid).len() == 2 },
+    )
+    .await;
     let before = data_threads(child.pid());
     // Six connections (one per tonic client), calling at once.
     let mut calls = Vec::new();
@@ -263,4 +270,12 @@ async fn client_connections_are_spread_over_the_data_threads() {
             "{name} served (almost) nothing: {was} -> {is} ticks"
         );
     }
+    // Each thread calls the backend over a connection of its own.
+    let (_, services) = crate::support::gateway::admin_get(child.admin_addr, "/services").await;
+    let v: serde_json::Value = serde_json::from_str(&services).unwrap();
+    let pool = &v["echo"]["endpoints"][0]["backend"]["pool"];
+    assert_eq!(
+        pool["connections"], 3,
+        "one upstream connection per thread: {pool}"
+    );
 }
