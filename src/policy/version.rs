@@ -266,7 +266,12 @@ impl PolicyVersion {
     /// back). A place left empty by a trap is refilled here, without holding
     /// its lock while the instance is made.
     fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
-        for instance in self.instances.iter() {
+        // Each serving thread starts from an instance of its own, so threads
+        // do not contend for the first one (and a stateful policy, like a
+        // round-robin counter, keeps an even sequence per instance).
+        let first = crate::listener::runtime_index() % self.instances.len();
+        let (before, from_mine) = self.instances.split_at(first);
+        for instance in from_mine.iter().chain(before) {
             let Ok(guard) = instance.live.try_lock() else {
                 continue;
             };
