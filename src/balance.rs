@@ -73,6 +73,12 @@ pub trait Balancer: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Returns a position in `ctx.candidates`.
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError>;
+    /// [`pick`](Self::pick), and which of the balancer's versions placed
+    /// the call (0 unless a rollout tries a candidate): given back in the
+    /// call's [`Outcome::placed_by`].
+    fn pick_placed(&self, ctx: &PickContext<'_>) -> Result<(usize, u8), PickError> {
+        self.pick(ctx).map(|position| (position, 0))
+    }
     /// True when the policy wants to be told each call's outcome; the proxy
     /// keeps nothing for `observe` otherwise.
     fn learns(&self) -> bool {
@@ -94,6 +100,8 @@ pub struct Outcome {
     pub status: u32,
     /// From the gateway's receipt of the call to its end, in microseconds.
     pub latency_us: u32,
+    /// What [`Balancer::pick_placed`] said placed the call.
+    pub placed_by: u8,
 }
 
 #[derive(Debug, Default)]

@@ -133,6 +133,42 @@ pub struct PolicySection {
     /// directory) is installed only with a valid signature by one of them.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Fleet rollouts (`weir policy rollout`): the guards that roll a
+    /// candidate back, and how this gateway reports.
+    #[serde(default)]
+    pub rollout: RolloutSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    /// Follow `<prefix>/_rollout/` and report under `<prefix>/_gateways/`.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// This gateway in the fleet view and in the states it writes; the
+    /// host name and the listen port when unset.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+    /// Roll back when the candidate's server-side error rate exceeds the
+    /// current's by more than this (0.05: five points).
+    #[serde(default = "defaults::max_error_rate_increase")]
+    pub max_error_rate_increase: f64,
+    /// Roll back when the candidate's p99 exceeds the current's by more
+    /// than this fraction (0.5: half again).
+    #[serde(default = "defaults::max_p99_increase")]
+    pub max_p99_increase: f64,
+    /// Calls the candidate must place in the window before it is judged.
+    #[serde(default = "defaults::min_calls")]
+    pub min_calls: u64,
+    /// The span the candidate and the current are compared over.
+    #[serde(default = "defaults::rollout_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// Candidate faults within the window that roll it back.
+    #[serde(default = "defaults::max_candidate_faults")]
+    pub max_candidate_faults: u64,
+    /// How often this gateway writes its report.
+    #[serde(default = "defaults::report_every", with = "humantime_serde")]
+    pub report_every: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -457,6 +493,24 @@ mod defaults {
     pub fn retries() -> u32 {
         2
     }
+    pub fn max_error_rate_increase() -> f64 {
+        0.05
+    }
+    pub fn max_p99_increase() -> f64 {
+        0.5
+    }
+    pub fn min_calls() -> u64 {
+        100
+    }
+    pub fn rollout_window() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_candidate_faults() -> u64 {
+        10
+    }
+    pub fn report_every() -> Duration {
+        Duration::from_secs(2)
+    }
 }
 
 macro_rules! default_section {
@@ -475,7 +529,8 @@ default_section!(
     RetrySection,
     HealthCheckSection,
     OutlierSection,
-    PolicySection
+    PolicySection,
+    RolloutSection
 );
 
 /// Bounds that keep arithmetic on settings from overflowing (and a typo
@@ -646,6 +701,38 @@ impl Config {
         }
         if self.policy.deadline > MAX_PICK_DEADLINE {
             return fail("policy.deadline".into(), "must be at most 1s");
+        }
+        let rollout = &self.policy.rollout;
+        if !(0.0..=1.0).contains(&rollout.max_error_rate_increase) {
+            return fail(
+                "policy.rollout.max_error_rate_increase".into(),
+                "is a fraction of calls, 0 to 1",
+            );
+        }
+        if !(rollout.max_p99_increase >= 0.0 && rollout.max_p99_increase.is_finite()) {
+            return fail(
+                "policy.rollout.max_p99_increase".into(),
+                "is a fraction, 0 or more",
+            );
+        }
+        if rollout.window < Duration::from_secs(1) || rollout.window > MAX_DURATION {
+            return fail("policy.rollout.window".into(), "must be between 1s and 24h");
+        }
+        if rollout.report_every < Duration::from_millis(100)
+            || rollout.report_every > Duration::from_secs(60)
+        {
+            return fail(
+                "policy.rollout.report_every".into(),
+                "must be between 100ms and 60s",
+            );
+        }
+        if let Some(id) = &rollout.gateway_id {
+            if id.is_empty() || id.contains('/') {
+                return fail(
+                    "policy.rollout.gateway_id".into(),
+                    "must be non-empty, without `/`",
+                );
+            }
         }
         let limits = &self.limits;
         if limits.max_connection_age > MAX_DURATION {

@@ -6,6 +6,7 @@
 
 mod endpoint;
 pub mod etcd;
+pub mod fleet;
 pub(crate) mod key_format;
 mod lease;
 pub(crate) mod policies;

@@ -148,6 +148,77 @@ enum PolicyCommand {
         #[arg(long)]
         key: std::path::PathBuf,
     },
+    /// Store FILE in etcd as a version of NAME (chunked, content-addressed;
+    /// FILE.sig goes with it). Runs nowhere until a rollout names it; the
+    /// version's digest is the last line printed.
+    Publish {
+        name: String,
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// List NAME's published versions.
+    History {
+        name: String,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// Delete a version of NAME (not while its rollout uses it).
+    Delete {
+        name: String,
+        /// The version's digest (or its first 8+ characters).
+        version: String,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// Run VERSION of NAME on every gateway: at once (no flag), in shadow
+    /// (it picks beside the current version; calls go by the current) or
+    /// as a canary on PCT % of calls.
+    Rollout {
+        name: String,
+        /// The version's digest (or its first 8+ characters).
+        version: String,
+        #[arg(long, conflicts_with = "canary")]
+        shadow: bool,
+        #[arg(long, value_name = "PCT")]
+        canary: Option<f64>,
+        /// Promote the candidate once it has stayed within its guards this
+        /// long (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        auto_promote_after: Option<Duration>,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// Make NAME's candidate its current version on every gateway.
+    Promote {
+        name: String,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// Drop NAME's candidate on every gateway.
+    Rollback {
+        name: String,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+    /// NAME's rollout across the fleet: the state and every gateway's figures.
+    Status {
+        name: String,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        fleet: FleetFlags,
+    },
+}
+
+/// Where a fleet's policies live: etcd and the prefix.
+#[derive(clap::Args)]
+struct FleetFlags {
+    #[command(flatten)]
+    etcd: EtcdFlags,
+    #[arg(long, default_value = "/services")]
+    prefix: String,
 }
 
 fn parse_endpoint_meta(s: &str) -> Result<(usize, String, String), String> {
@@ -195,26 +266,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => weir::commands::serve::run(&config).await,
-        Command::Policy {
-            command:
-                PolicyCommand::Check {
-                    file,
-                    backends,
-                    picks,
-                    meta,
-                },
-        } => {
-            tokio::task::spawn_blocking(move || {
-                weir::commands::policy::check(&file, backends, picks, &meta)
-            })
-            .await?
-        }
-        Command::Policy {
-            command: PolicyCommand::Keygen { out },
-        } => weir::commands::policy::keygen(&out),
-        Command::Policy {
-            command: PolicyCommand::Sign { file, key },
-        } => weir::commands::policy::sign(&file, &key),
+        Command::Policy { command } => policy_command(command).await,
         Command::Register {
             etcd,
             prefix,
@@ -249,6 +301,68 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 wait: Duration::from_secs(wait),
             })
             .await
+        }
+    }
+}
+
+async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    use weir::commands::fleet;
+    match command {
+        PolicyCommand::Check {
+            file,
+            backends,
+            picks,
+            meta,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                weir::commands::policy::check(&file, backends, picks, &meta)
+            })
+            .await?
+        }
+        PolicyCommand::Keygen { out } => weir::commands::policy::keygen(&out),
+        PolicyCommand::Sign { file, key } => weir::commands::policy::sign(&file, &key),
+        PolicyCommand::Publish { name, file, fleet } => {
+            fleet::publish(&fleet.etcd.access(), &fleet.prefix, &name, &file).await
+        }
+        PolicyCommand::History { name, fleet } => {
+            fleet::history(&fleet.etcd.access(), &fleet.prefix, &name).await
+        }
+        PolicyCommand::Delete {
+            name,
+            version,
+            fleet,
+        } => fleet::delete(&fleet.etcd.access(), &fleet.prefix, &name, &version).await,
+        PolicyCommand::Rollout {
+            name,
+            version,
+            shadow,
+            canary,
+            auto_promote_after,
+            fleet,
+        } => {
+            let placement = match (shadow, canary) {
+                (true, _) => fleet::Placement::Shadow,
+                (false, Some(pct)) => fleet::Placement::Canary(pct),
+                (false, None) => fleet::Placement::Current,
+            };
+            fleet::rollout(
+                &fleet.etcd.access(),
+                &fleet.prefix,
+                &name,
+                &version,
+                placement,
+                auto_promote_after,
+            )
+            .await
+        }
+        PolicyCommand::Promote { name, fleet } => {
+            fleet::promote(&fleet.etcd.access(), &fleet.prefix, &name).await
+        }
+        PolicyCommand::Rollback { name, fleet } => {
+            fleet::rollback(&fleet.etcd.access(), &fleet.prefix, &name).await
+        }
+        PolicyCommand::Status { name, json, fleet } => {
+            fleet::status(&fleet.etcd.access(), &fleet.prefix, &name, json).await
         }
     }
 }

@@ -6,11 +6,13 @@
 //! built-in round-robin, and a policy that keeps failing is reverted to its
 //! last good version.
 
+pub mod candidate;
 pub(crate) mod check;
 mod engine;
 mod host;
 pub mod provenance;
 pub(crate) mod reload;
+pub mod rollout;
 mod set;
 mod version;
 mod wasi_random;

@@ -288,7 +288,7 @@ impl Proxy {
         };
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         loop {
-            let chosen = self.pick(&target, &members, &tried, &headers, method)?;
+            let (chosen, placed_by) = self.pick(&target, &members, &tried, &headers, method)?;
             tried.push(chosen);
             let member = &members.list[chosen];
             call.attempting(member);
@@ -297,6 +297,7 @@ impl Proxy {
                 balancer: b.clone(),
                 generation: members.generation(),
                 set_index: chosen as u32,
+                placed_by,
             });
             let started = call.started();
             let error = match self
@@ -505,7 +506,7 @@ impl Proxy {
         tried: &[usize],
         headers: &Arc<HeaderMap>,
         method: &str,
-    ) -> Result<usize, ProxyError> {
+    ) -> Result<(usize, u8), ProxyError> {
         let mut candidates: SmallVec<[usize; 16]> = (0..members.len())
             .filter(|i| !tried.contains(i) && members.list[*i].is_usable())
             .collect();
@@ -531,18 +532,18 @@ impl Proxy {
         };
         let fallback = &target.service.fallback;
         let balancer = target.balancer.map_or(fallback as &dyn Balancer, |b| &**b);
-        let position = match balancer.pick(&ctx) {
-            Ok(p) if p < candidates.len() => p,
+        let (position, placed_by) = match balancer.pick_placed(&ctx) {
+            Ok((p, by)) if p < candidates.len() => (p, by),
             outcome => {
                 tracing::debug!(
                     policy = balancer.name(),
                     ?outcome,
                     "policy gave no usable pick; falling back to round-robin"
                 );
-                fallback.pick(&ctx).expect("candidates is not empty")
+                (fallback.pick(&ctx).expect("candidates is not empty"), 0)
             }
         };
-        Ok(candidates[position])
+        Ok((candidates[position], placed_by))
     }
 }
 

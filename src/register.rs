@@ -136,20 +136,50 @@ pub struct Registration {
     stop: CancellationToken,
     state: watch::Receiver<RegistrationState>,
     task: Option<JoinHandle<Result<(), RegisterError>>>,
+    /// The value of a registration whose value never changes.
+    _fixed: Option<watch::Sender<String>>,
+}
+
+/// A key held under a lease, with its value as it changes.
+struct Leased {
+    key: String,
+    ttl_secs: i64,
+    value: watch::Receiver<String>,
 }
 
 impl Registration {
     /// Starts registering in the background; it keeps retrying while etcd is down.
     pub fn spawn(client: Client, spec: RegistrationSpec) -> Result<Registration, RegisterError> {
         spec.validate()?;
+        let (fixed, value) = watch::channel(spec.value());
+        let mut registration = Registration::keep(client, spec.key(), spec.ttl_secs, value);
+        registration._fixed = Some(fixed);
+        Ok(registration)
+    }
+
+    /// Keeps `key` in etcd under a lease of `ttl_secs`, written again
+    /// whenever `value` changes (a gateway's report in the fleet view);
+    /// gone when the lease ends.
+    pub fn keep(
+        client: Client,
+        key: String,
+        ttl_secs: i64,
+        value: watch::Receiver<String>,
+    ) -> Registration {
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(RegistrationState::Pending);
-        let task = tokio::spawn(keep_registered(client, spec, tx, stop.clone()));
-        Ok(Registration {
+        let leased = Leased {
+            key,
+            ttl_secs,
+            value,
+        };
+        let task = tokio::spawn(keep_registered(client, leased, tx, stop.clone()));
+        Registration {
             stop,
             state: rx,
             task: Some(task),
-        })
+            _fixed: None,
+        }
     }
 
     pub fn state(&self) -> RegistrationState {
@@ -191,7 +221,7 @@ impl Drop for Registration {
 
 async fn keep_registered(
     mut client: Client,
-    spec: RegistrationSpec,
+    mut spec: Leased,
     state: watch::Sender<RegistrationState>,
     stop: CancellationToken,
 ) -> Result<(), RegisterError> {
@@ -200,18 +230,18 @@ async fn keep_registered(
     loop {
         let outcome = tokio::select! {
             _ = stop.cancelled() => Ok(()),
-            r = hold(&mut client, &spec, &mut lease, &state, &mut backoff) => r,
+            r = hold(&mut client, &mut spec, &mut lease, &state, &mut backoff) => r,
         };
         match outcome {
             Ok(()) => return revoke(&mut client, lease).await,
             Err(RegisterError::Etcd(err)) if err.is_refused() => {
-                tracing::error!(key = %spec.key(), cause = %err, "etcd refused the registration; giving up");
+                tracing::error!(key = %spec.key, cause = %err, "etcd refused the registration; giving up");
                 let _best_effort = revoke(&mut client, lease).await;
                 return Err(RegisterError::Etcd(err));
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(key = %spec.key(), cause = %crate::errors::chain(&err), retry_in = ?delay, "registration interrupted; registering again");
+                tracing::warn!(key = %spec.key, cause = %crate::errors::chain(&err), retry_in = ?delay, "registration interrupted; registering again");
                 tokio::select! {
                     _ = stop.cancelled() => return revoke(&mut client, lease).await,
                     _ = tokio::time::sleep(delay) => {}
@@ -224,7 +254,7 @@ async fn keep_registered(
 /// One stretch of being registered; returns only on an error.
 async fn hold(
     client: &mut Client,
-    spec: &RegistrationSpec,
+    spec: &mut Leased,
     lease: &mut Option<i64>,
     state: &watch::Sender<RegistrationState>,
     backoff: &mut Backoff,
@@ -249,24 +279,38 @@ async fn hold(
             granted.id()
         }
     };
+    let value = spec.value.borrow_and_update().clone();
     bounded(
         timeout,
         client.put(
-            spec.key(),
-            spec.value(),
+            spec.key.as_str(),
+            value,
             Some(PutOptions::new().with_lease(id)),
         ),
     )
     .await?;
     let (mut keeper, mut responses) = bounded(timeout, client.lease_keep_alive(id)).await?;
     state.send_replace(RegistrationState::Registered { lease: id });
-    tracing::info!(key = %spec.key(), lease = id, ttl = spec.ttl_secs, "registered");
+    tracing::info!(key = %spec.key, lease = id, ttl = spec.ttl_secs, "registered");
     backoff.reset();
 
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(500)));
     let mut last_ack = Instant::now();
+    let mut value_open = true;
     loop {
         tokio::select! {
+            changed = spec.value.changed(), if value_open => {
+                if changed.is_err() {
+                    value_open = false; // no more changes: keep the last one
+                    continue;
+                }
+                let value = spec.value.borrow_and_update().clone();
+                bounded(
+                    timeout,
+                    client.put(spec.key.as_str(), value, Some(PutOptions::new().with_lease(id))),
+                )
+                .await?;
+            }
             _ = tick.tick() => {
                 if last_ack.elapsed() >= ttl {
                     // etcd may already have dropped the key: start over.

@@ -364,6 +364,9 @@ async fn start_policies(
             published,
             background.clone(),
         ));
+        if config.policy.rollout.enabled {
+            start_rollouts(config, &set, tasks, background);
+        }
     }
     for route in &config.routes {
         if route.policy != crate::config::NATIVE_POLICY && !set.has(&route.policy) {
@@ -380,6 +383,85 @@ async fn start_policies(
         }
     }
     Ok(set)
+}
+
+/// Follows the fleet's rollout states (`<prefix>/_rollout/`), guards their
+/// candidates, and keeps this gateway's report under `<prefix>/_gateways/`.
+fn start_rollouts(
+    config: &Config,
+    set: &Arc<PolicySet>,
+    tasks: &TaskTracker,
+    background: &CancellationToken,
+) {
+    let etcd = EtcdConfig::from(config);
+    let prefix = config.etcd.prefix.clone();
+    let id = settings::gateway_id(config);
+    let (watch, states) = discovery::policies::spawn_key_watch(
+        etcd.access.clone(),
+        discovery::fleet::rollout_prefix(&prefix),
+        etcd.follow,
+        background.clone(),
+    );
+    tasks.spawn(watch);
+    tasks.spawn(policy::rollout::spawn(
+        set.clone(),
+        etcd.access.clone(),
+        prefix.clone(),
+        states,
+        policy::rollout::Guards::from(&config.policy.rollout),
+        id.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(report_to_fleet(
+        set.clone(),
+        etcd.access,
+        prefix,
+        id,
+        config.policy.rollout.report_every,
+        background.clone(),
+    ));
+}
+
+/// Lease TTL of a gateway's report: a gateway that dies leaves the fleet
+/// view this long after.
+const REPORT_TTL_SECS: i64 = 10;
+
+/// Keeps `<prefix>/_gateways/<id>` current (written only when it changed)
+/// under a lease; revoked on a clean shutdown.
+async fn report_to_fleet(
+    set: Arc<PolicySet>,
+    access: discovery::EtcdAccess,
+    prefix: String,
+    id: String,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let Some(client) = discovery::etcd::connect_until(&access, &cancel).await else {
+        return;
+    };
+    let report =
+        || serde_json::json!({ "id": id, "policies": policy::rollout::report(&set) }).to_string();
+    let (latest, value) = tokio::sync::watch::channel(report());
+    let key = format!("{}{id}", discovery::fleet::gateways_prefix(&prefix));
+    let registration = crate::register::Registration::keep(client, key, REPORT_TTL_SECS, value);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = report();
+        latest.send_if_modified(|was| {
+            let changed = *was != now;
+            if changed {
+                *was = now;
+            }
+            changed
+        });
+    }
+    if let Err(err) = registration.deregister().await {
+        tracing::debug!(cause = %err, "gateway report not withdrawn (its lease will end)");
+    }
 }
 
 /// A route's policy: a WebAssembly policy of that name, or the native

@@ -166,6 +166,31 @@ pub async fn connect(access: &EtcdAccess) -> Result<Client, EtcdError> {
         })
 }
 
+/// A client on the first of `access.endpoints` that answers (a command's
+/// few requests then go to a member that is up: the balanced channel would
+/// send some to a stopped one). With one endpoint, [`connect`].
+pub async fn connect_answering(access: &EtcdAccess) -> Result<Client, EtcdError> {
+    if access.endpoints.len() < 2 {
+        return connect(access).await;
+    }
+    let mut last = None;
+    for endpoint in &access.endpoints {
+        let one = EtcdAccess {
+            endpoints: vec![endpoint.clone()],
+            ..access.clone()
+        };
+        match connect(&one).await {
+            Ok(mut client) => match bounded(Duration::from_secs(3), client.status()).await {
+                Ok(_) => return Ok(client),
+                Err(err) => last = Some(err),
+            },
+            Err(err @ EtcdError::Access(_)) => return Err(err),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.expect("two endpoints or more were tried"))
+}
+
 /// [`connect`], tried again with backoff while etcd cannot be reached (a
 /// client with credentials must reach it to authenticate); `None` once
 /// `cancel` fires. A mistake in the settings themselves is not retried.
@@ -205,6 +230,20 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
+    /// Worth another try in a moment: no answer, a member down, a leader
+    /// being elected.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EtcdError::Timeout(_) => true,
+            EtcdError::Request(etcd_client::Error::TransportError(_)) => true,
+            EtcdError::Request(etcd_client::Error::GRpcStatus(status)) => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+
     /// etcd refused the credentials or the permission: trying again
     /// changes nothing until someone changes the settings or the roles.
     pub fn is_refused(&self) -> bool {

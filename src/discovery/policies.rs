@@ -54,9 +54,21 @@ pub fn spawn_policy_watch(
     settings: FollowSettings,
     cancel: CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, watch::Receiver<Published>) {
+    spawn_key_watch(access, policies_prefix(prefix), settings, cancel)
+}
+
+/// The same follower for any reserved key prefix (the fleet's rollout
+/// states, `<prefix>/_rollout/`): the latest value of every key under it,
+/// named by the rest of the key.
+pub fn spawn_key_watch(
+    access: etcd::EtcdAccess,
+    key_prefix: String,
+    settings: FollowSettings,
+    cancel: CancellationToken,
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<Published>) {
     let (latest, receiver) = watch::channel(Published::default());
     let follower = PublishedPolicies {
-        prefix: policies_prefix(prefix),
+        prefix: key_prefix,
         position: Mutex::new(None),
         history: std::sync::atomic::AtomicU64::new(0),
         latest,

@@ -73,6 +73,7 @@ pub fn trial(engine: &PolicyEngine, version: &PolicyVersion) -> Result<(), Strin
             set_index: picked as u32,
             status: 0,
             latency_us: 1_000,
+            placed_by: 0,
         };
         version
             .observe(engine, &told)

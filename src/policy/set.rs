@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 
+use super::candidate::{Candidate, Trial, PLACED_BY_CANDIDATE};
 use super::engine::PolicyEngine;
 use super::provenance::{Provenance, Refusal};
 use super::version::PolicyVersion;
@@ -25,11 +27,17 @@ pub struct NamedPolicy {
     current: ArcSwapOption<PolicyVersion>,
     last_good: ArcSwapOption<PolicyVersion>,
     last_error: Mutex<Option<String>>,
+    /// A version tried beside the current one (a fleet rollout).
+    candidate: ArcSwapOption<Candidate>,
 }
 
 impl NamedPolicy {
     pub fn current(&self) -> Option<Arc<PolicyVersion>> {
         self.current.load_full()
+    }
+
+    pub fn candidate(&self) -> Option<Arc<Candidate>> {
+        self.candidate.load_full()
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -151,6 +159,76 @@ impl PolicySet {
         self.install_signed(name, bytes, signature, key)
     }
 
+    /// Checks a version a fleet rollout names (its name allowed from etcd,
+    /// its signature, the component and a trial pick) without serving it.
+    /// Blocking: it compiles.
+    pub fn prepare_published(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        signature: Option<&[u8]>,
+        source: String,
+    ) -> Result<Arc<PolicyVersion>, PolicyError> {
+        if !self.provenance.allows(name) {
+            let refusal = Refusal::NotAllowed(name.to_owned());
+            self.count_refusal(&refusal);
+            return Err(self.failed(name, refusal.into()));
+        }
+        let digest = super::version::digest_bytes(bytes);
+        if let Err(refusal) = self.provenance.check(&digest, signature) {
+            self.count_refusal(&refusal);
+            return Err(self.failed(name, refusal.into()));
+        }
+        super::validate(&self.engine, name, bytes, source).map_err(|err| self.failed(name, err))
+    }
+
+    /// Serves `current` for `name` and tries `candidate` beside it (its
+    /// mode and canary share), or none. A candidate kept as it was keeps its
+    /// figures; a promoted candidate is the very version that was tried
+    /// (compiled once, its learned state kept).
+    pub fn apply_rollout(
+        &self,
+        name: &str,
+        current: Arc<PolicyVersion>,
+        candidate: Option<(Arc<PolicyVersion>, Trial)>,
+    ) {
+        let policy = self.policy_or_create(name);
+        let serving = policy.current();
+        if serving.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &current)) {
+            let old = policy.current.swap(Some(current.clone()));
+            if old.is_some() {
+                policy.last_good.store(old);
+            }
+            *policy.last_error.lock().expect("last error") = None;
+            self.metrics.reload(name, "ok");
+            tracing::info!(policy = name, digest = %current.digest, source = %current.source, "policy version installed (rollout: current)");
+        }
+        let tried = policy.candidate();
+        match candidate {
+            None => {
+                if let Some(was) = tried {
+                    policy.candidate.store(None);
+                    tracing::info!(policy = name, candidate = %was.version.digest, "rollout candidate no longer tried");
+                }
+            }
+            Some((version, trial)) => {
+                let unchanged = tried.as_ref().is_some_and(|t| {
+                    Arc::ptr_eq(&t.version, &version)
+                        && t.mode == trial.mode
+                        && t.percent == trial.percent
+                        && t.since_secs == trial.since_secs
+                        && t.auto_promote_after_secs == trial.auto_promote_after_secs
+                });
+                if !unchanged {
+                    tracing::info!(policy = name, candidate = %version.digest, mode = trial.mode.as_str(), percent = trial.percent, "rollout candidate tried");
+                    policy
+                        .candidate
+                        .store(Some(Arc::new(Candidate::new(version, &trial))));
+                }
+            }
+        }
+    }
+
     fn count_refusal(&self, refusal: &Refusal) {
         self.metrics
             .refused
@@ -267,6 +345,7 @@ impl PolicySet {
                     current: ArcSwapOption::empty(),
                     last_good: ArcSwapOption::empty(),
                     last_error: Mutex::new(None),
+                    candidate: ArcSwapOption::empty(),
                 })
             })
             .clone()
@@ -365,6 +444,73 @@ impl Balancer for WasmBalancer {
     }
 
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
+        self.pick_placed(ctx).map(|(position, _)| position)
+    }
+
+    /// With a candidate: in canary mode it places its share of calls (if
+    /// it faults, the current version places the call); in shadow mode it
+    /// picks too, after the current, and only the difference is counted.
+    fn pick_placed(&self, ctx: &PickContext<'_>) -> Result<(usize, u8), PickError> {
+        let candidate = self.policy.candidate.load();
+        let Some(candidate) = candidate.as_ref() else {
+            return self.pick_current(ctx).map(|p| (p, 0));
+        };
+        if candidate.takes_call() {
+            match candidate.version.pick(&self.engine, ctx) {
+                Ok(position) => return Ok((position, PLACED_BY_CANDIDATE)),
+                Err(fault) => self.candidate_faulted(candidate, &fault),
+            }
+        }
+        let position = self.pick_current(ctx)?;
+        if candidate.shadows() {
+            let stats = &candidate.stats;
+            match candidate.version.pick(&self.engine, ctx) {
+                Ok(shadow) => {
+                    stats.shadowed.fetch_add(1, Ordering::Relaxed);
+                    if shadow != position {
+                        stats.divergent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(fault) => self.candidate_faulted(candidate, &fault),
+            }
+        }
+        Ok((position, 0))
+    }
+
+    fn learns(&self) -> bool {
+        self.policy.candidate.load().is_some()
+            || self
+                .policy
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|v| v.learns_from_outcomes)
+    }
+
+    fn observe(&self, outcome: &Outcome) {
+        let candidate = self.policy.candidate.load();
+        let by_candidate = outcome.placed_by == PLACED_BY_CANDIDATE;
+        if let Some(candidate) = candidate.as_ref() {
+            let arm = if by_candidate {
+                &candidate.stats.candidate
+            } else {
+                &candidate.stats.current
+            };
+            arm.record(outcome.status, outcome.latency_us);
+            if by_candidate {
+                self.observe_with(&candidate.version, outcome);
+                return;
+            }
+        }
+        let guard = self.policy.current.load();
+        if let Some(version) = guard.as_ref() {
+            self.observe_with(version, outcome);
+        }
+    }
+}
+
+impl WasmBalancer {
+    fn pick_current(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
         let guard = self.policy.current.load();
         let Some(version) = guard.as_ref() else {
             return Err(PickError(format!(
@@ -389,28 +535,30 @@ impl Balancer for WasmBalancer {
         })
     }
 
-    fn learns(&self) -> bool {
-        self.policy
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|v| v.learns_from_outcomes)
-    }
-
-    fn observe(&self, outcome: &Outcome) {
-        let guard = self.policy.current.load();
-        let Some(version) = guard.as_ref() else {
+    fn observe_with(&self, version: &PolicyVersion, outcome: &Outcome) {
+        if !version.learns_from_outcomes {
             return;
-        };
+        }
         if let Err(fault) = version.observe(&self.engine, outcome) {
             // Only this observation is lost; picks are not affected.
             self.metrics.fault(&self.policy.name, fault.kind());
             tracing::debug!(policy = %self.policy.name, %fault, "observe failed");
         }
     }
-}
 
-impl WasmBalancer {
+    /// A candidate's pick faulted: counted; one that keeps faulting is no
+    /// longer tried here, and the rollout guard rolls it back everywhere.
+    fn candidate_faulted(&self, candidate: &Candidate, fault: &super::version::Fault) {
+        candidate
+            .stats
+            .candidate_faults
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.fault(&self.policy.name, fault.kind());
+        if candidate.version.failing() && !candidate.withdrawn.swap(true, Ordering::Relaxed) {
+            tracing::warn!(policy = %self.policy.name, candidate = %candidate.version.digest, %fault, "the candidate keeps faulting: no longer tried on this gateway");
+        }
+    }
+
     /// Puts the last good version back; with none to go back to, takes the
     /// failing one out of service (calls use the native round-robin).
     fn revert(&self, failing: &Arc<PolicyVersion>, fault: &super::version::Fault) {

@@ -86,6 +86,8 @@ pub struct Learner {
     pub generation: u64,
     /// The chosen endpoint's position in that set.
     pub set_index: u32,
+    /// Which of the balancer's versions placed the call.
+    pub placed_by: u8,
 }
 
 /// One attempt of a call on one backend.
@@ -184,6 +186,7 @@ impl Drop for AttemptRecord {
                 set_index: learner.set_index,
                 status: code,
                 latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+                placed_by: learner.placed_by,
             });
         }
     }

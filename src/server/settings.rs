@@ -2,10 +2,10 @@
 //! place where `config` sections meet the types that discovery, upstream,
 //! the proxy and the policy host take.
 
-use crate::config::LimitsSection;
 use crate::config::{
     Config, HealthCheckSection, OutlierSection, PolicySection, RetrySection, UpstreamSection,
 };
+use crate::config::{LimitsSection, RolloutSection};
 use crate::discovery::{EtcdAccess, EtcdConfig, LeasePollConfig};
 use crate::policy::Limits;
 use crate::proxy::{CallLimits, RetrySettings};
@@ -99,6 +99,32 @@ impl From<&PolicySection> for Limits {
             max_component_bytes: section.max_size_mib << 20,
         }
     }
+}
+
+impl From<&RolloutSection> for crate::policy::rollout::Guards {
+    fn from(section: &RolloutSection) -> Self {
+        crate::policy::rollout::Guards {
+            max_error_rate_increase: section.max_error_rate_increase,
+            max_p99_increase: section.max_p99_increase,
+            min_calls: section.min_calls,
+            window: section.window,
+            max_candidate_faults: section.max_candidate_faults,
+        }
+    }
+}
+
+/// This gateway's name in the fleet: `[policy.rollout] gateway_id`, else
+/// the host name and the gRPC listener's port.
+pub(super) fn gateway_id(config: &Config) -> String {
+    if let Some(id) = &config.policy.rollout.gateway_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .unwrap_or_else(|| "weir".into());
+    format!("{host}:{}", config.listen.port())
 }
 
 #[cfg(test)]

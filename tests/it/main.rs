@@ -3,6 +3,7 @@
 mod demo;
 mod discovery;
 mod etcd_auth;
+mod fleet;
 mod grpcio;
 mod guide;
 mod hostile;

@@ -1,0 +1,431 @@
+//! A fleet rollout on this gateway: follows `<prefix>/_rollout/` (through
+//! discovery's key watch), fetches and checks the versions each state names
+//! (`discovery::fleet`: chunks, manifest, digest, signature), serves the
+//! current one and tries the candidate beside it; and guards the candidate:
+//! when its calls do worse than the current's by more than `[policy.rollout]`
+//! allows, or it keeps faulting, this gateway writes the rollback (one
+//! compare-and-swap; the others follow through their watch). A candidate
+//! that stayed within its guards for `--auto-promote-after` is promoted
+//! the same way.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::Client;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::candidate::{ArmSnapshot, Candidate, Trial};
+use super::set::PolicySet;
+use super::version::PolicyVersion;
+use crate::discovery::etcd::{connect_until, EtcdAccess};
+use crate::discovery::fleet::{self, Manifest, Mode, RolloutState};
+use crate::discovery::policies::Published;
+
+/// When a candidate is rolled back (`[policy.rollout]`).
+#[derive(Debug, Clone)]
+pub struct Guards {
+    /// The candidate's server-side error rate may exceed the current's by
+    /// at most this much (0.05: five points).
+    pub max_error_rate_increase: f64,
+    /// The candidate's p99 may exceed the current's by at most this
+    /// fraction (0.5: half again).
+    pub max_p99_increase: f64,
+    /// Calls the candidate must have placed in the window before its
+    /// figures are judged.
+    pub min_calls: u64,
+    /// The span the two are compared over.
+    pub window: Duration,
+    /// Candidate faults (picks that trapped, overran or erred) in the window
+    /// that roll it back.
+    pub max_candidate_faults: u64,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            max_error_rate_increase: 0.05,
+            max_p99_increase: 0.5,
+            min_calls: 100,
+            window: Duration::from_secs(30),
+            max_candidate_faults: 10,
+        }
+    }
+}
+
+/// How often the guards look at the figures.
+const GUARD_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a version that could not be fetched or checked waits before
+/// the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Starts following the rollout states under `prefix` and guarding their
+/// candidates. `gateway` names this gateway in the states it writes.
+pub fn spawn(
+    set: Arc<PolicySet>,
+    access: EtcdAccess,
+    prefix: String,
+    states: watch::Receiver<Published>,
+    guards: Guards,
+    gateway: String,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(client) = connect_until(&access, &cancel).await else {
+            return;
+        };
+        let follow = follow_states(
+            set.clone(),
+            client.clone(),
+            prefix.clone(),
+            states,
+            cancel.clone(),
+        );
+        let guard = guard_candidates(set, client, prefix, guards, gateway, cancel);
+        tokio::join!(follow, guard);
+    })
+}
+
+/// Compiled versions by digest: a promotion swaps in the very version the
+/// candidate was (no compile, its learned state kept).
+type Prepared = HashMap<String, Arc<PolicyVersion>>;
+
+async fn follow_states(
+    set: Arc<PolicySet>,
+    mut client: Client,
+    prefix: String,
+    mut states: watch::Receiver<Published>,
+    cancel: CancellationToken,
+) {
+    let mut prepared: Prepared = HashMap::new();
+    // The last state applied per name (so a re-list changes nothing).
+    let mut applied: HashMap<String, RolloutState> = HashMap::new();
+    loop {
+        let latest = states.borrow_and_update().clone();
+        let mut all_applied = true;
+        for update in latest.values() {
+            let name = &update.name;
+            let state = match fleet::parse_rollout(&update.key, &update.bytes) {
+                Ok(state) => state,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "rollout state skipped");
+                    continue;
+                }
+            };
+            if applied.get(name) == Some(&state) {
+                continue;
+            }
+            match apply(&set, &mut client, &prefix, name, &state, &mut prepared).await {
+                Ok(()) => {
+                    applied.insert(name.clone(), state);
+                }
+                Err(err) => {
+                    all_applied = false;
+                    tracing::warn!(policy = %name, cause = %err, retry_in = ?RETRY_AFTER, "rollout state not applied yet");
+                }
+            }
+        }
+        // A deleted state ends its trial; the current version keeps serving.
+        for (name, _) in applied
+            .iter()
+            .filter(|(n, _)| !latest.values().any(|u| &u.name == *n))
+        {
+            if let Some(current) = set.policy(name).and_then(|p| p.current()) {
+                set.apply_rollout(name, current, None);
+            }
+        }
+        applied.retain(|n, _| latest.values().any(|u| &u.name == n));
+        // Keep compiled only what some state still names.
+        prepared.retain(|digest, _| {
+            applied.values().any(|s| {
+                s.current.as_deref() == Some(digest) || s.candidate.as_deref() == Some(digest)
+            })
+        });
+        let retry = async {
+            if all_applied {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(RETRY_AFTER).await
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = states.changed() => if changed.is_err() { return },
+            _ = retry => {}
+        }
+    }
+}
+
+/// Why a state could not be applied (yet).
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+    #[error("version {digest} does not install: {cause}")]
+    Refused { digest: String, cause: String },
+}
+
+async fn apply(
+    set: &Arc<PolicySet>,
+    client: &mut Client,
+    prefix: &str,
+    name: &str,
+    state: &RolloutState,
+    prepared: &mut Prepared,
+) -> Result<(), ApplyError> {
+    let Some(current_digest) = &state.current else {
+        return Ok(()); // nothing named to run yet
+    };
+    let current = prepare(set, client, prefix, name, current_digest, prepared).await?;
+    let candidate = match (&state.candidate, state.mode) {
+        (Some(digest), Mode::Shadow | Mode::Canary) => {
+            let version = prepare(set, client, prefix, name, digest, prepared).await?;
+            let trial = Trial {
+                mode: state.mode,
+                percent: state.percent,
+                auto_promote_after_secs: state.auto_promote_after_secs,
+                since_secs: state.candidate_since,
+            };
+            Some((version, trial))
+        }
+        _ => None,
+    };
+    set.apply_rollout(name, current, candidate);
+    Ok(())
+}
+
+/// The compiled version `digest` of `name`: from `prepared`, or fetched
+/// from etcd and checked (compiling it off the runtime's threads).
+async fn prepare(
+    set: &Arc<PolicySet>,
+    client: &mut Client,
+    prefix: &str,
+    name: &str,
+    digest: &str,
+    prepared: &mut Prepared,
+) -> Result<Arc<PolicyVersion>, ApplyError> {
+    if let Some(version) = prepared.get(digest) {
+        return Ok(version.clone());
+    }
+    let manifest: Manifest = fleet::resolve(client, prefix, name, digest).await?;
+    let limit = set.engine().limits.max_component_bytes as u64;
+    if manifest.size > limit {
+        return Err(ApplyError::Refused {
+            digest: digest.to_owned(),
+            cause: format!(
+                "{} bytes, over the {limit}-byte limit ([policy] max_size_mib)",
+                manifest.size
+            ),
+        });
+    }
+    let bytes = fleet::fetch(client, prefix, &manifest).await?;
+    let source = fleet::manifest_key(prefix, name, digest);
+    let (checker, owned_name) = (set.clone(), name.to_owned());
+    let signature = manifest.signature.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        checker.prepare_published(
+            &owned_name,
+            &bytes,
+            signature.as_deref().map(str::as_bytes),
+            source,
+        )
+    })
+    .await
+    .map_err(|e| ApplyError::Refused {
+        digest: digest.to_owned(),
+        cause: e.to_string(),
+    })?
+    .map_err(|e| ApplyError::Refused {
+        digest: digest.to_owned(),
+        cause: e.to_string(),
+    })?;
+    prepared.insert(digest.to_owned(), checked.clone());
+    Ok(checked)
+}
+
+/// One candidate's figures over time, to compare over the guard window.
+struct Watched {
+    candidate: Arc<Candidate>,
+    /// (when, current, candidate, candidate faults), oldest first.
+    snapshots: VecDeque<(tokio::time::Instant, ArmSnapshot, ArmSnapshot, u64)>,
+}
+
+async fn guard_candidates(
+    set: Arc<PolicySet>,
+    mut client: Client,
+    prefix: String,
+    guards: Guards,
+    gateway: String,
+    cancel: CancellationToken,
+) {
+    let mut watched: BTreeMap<String, Watched> = BTreeMap::new();
+    let mut tick = tokio::time::interval(GUARD_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        for name in set.names() {
+            let Some(candidate) = set.policy(&name).and_then(|p| p.candidate()) else {
+                watched.remove(&name);
+                continue;
+            };
+            let entry = watched.entry(name.clone()).or_insert_with(|| Watched {
+                candidate: candidate.clone(),
+                snapshots: VecDeque::new(),
+            });
+            if !Arc::ptr_eq(&entry.candidate, &candidate) {
+                *entry = Watched {
+                    candidate: candidate.clone(),
+                    snapshots: VecDeque::new(),
+                };
+            }
+            let stats = &candidate.stats;
+            let faults = stats.candidate_faults.load(Ordering::Relaxed);
+            entry.snapshots.push_back((
+                now,
+                stats.current.snapshot(),
+                stats.candidate.snapshot(),
+                faults,
+            ));
+            while entry.snapshots.len() > 1 && now - entry.snapshots[0].0 > guards.window {
+                entry.snapshots.pop_front();
+            }
+            let (_, cur0, cand0, faults0) = entry.snapshots[0];
+            let (_, cur1, cand1, faults1) = *entry.snapshots.back().expect("just pushed");
+            let verdict = judge(
+                &guards,
+                &cur1.since(&cur0),
+                &cand1.since(&cand0),
+                faults1 - faults0,
+                candidate.withdrawn.load(Ordering::Relaxed),
+            );
+            let digest = candidate.version.digest.clone();
+            if let Some(why) = verdict {
+                tracing::warn!(policy = %name, candidate = %digest, reason = %why, "rollout guard: rolling the candidate back across the fleet");
+                let by = gateway.clone();
+                let changed = fleet::change_rollout(&mut client, &prefix, &name, |state| {
+                    let state = state.cloned().unwrap_or_default();
+                    if state.candidate.as_deref() != Some(digest.as_str()) {
+                        return Err("already changed".into());
+                    }
+                    state.rollback(&by, &format!("guard on {by}: {why}"))
+                })
+                .await;
+                if let Err(err) = changed {
+                    tracing::debug!(policy = %name, cause = %err, "rollback not written (another writer first, or etcd unreachable)");
+                }
+                continue;
+            }
+            if let Some(after) = auto_promote_due(&candidate) {
+                let window = cand1.since(&cand0);
+                let judged = candidate.mode == Mode::Shadow || window.calls >= guards.min_calls;
+                if judged {
+                    let by = gateway.clone();
+                    let changed = fleet::change_rollout(&mut client, &prefix, &name, |state| {
+                        let state = state.cloned().unwrap_or_default();
+                        if state.candidate.as_deref() != Some(digest.as_str()) {
+                            return Err("already changed".into());
+                        }
+                        state.promote(
+                            &by,
+                            &format!("auto-promoted by {by} after {after}s within its guards"),
+                        )
+                    })
+                    .await;
+                    match changed {
+                        Ok(_) => {
+                            tracing::info!(policy = %name, candidate = %digest, "rollout: candidate promoted after staying within its guards")
+                        }
+                        Err(err) => {
+                            tracing::debug!(policy = %name, cause = %err, "promotion not written")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why the candidate's window is worse than the guards allow, if it is.
+pub fn judge(
+    guards: &Guards,
+    current: &ArmSnapshot,
+    candidate: &ArmSnapshot,
+    candidate_faults: u64,
+    withdrawn: bool,
+) -> Option<String> {
+    if withdrawn || candidate_faults >= guards.max_candidate_faults.max(1) {
+        return Some(format!(
+            "the candidate faulted {candidate_faults} times in {:?}",
+            guards.window
+        ));
+    }
+    if candidate.calls < guards.min_calls.max(1) {
+        return None;
+    }
+    let (cand_rate, cur_rate) = (candidate.error_rate(), current.error_rate());
+    if cand_rate - cur_rate > guards.max_error_rate_increase {
+        return Some(format!(
+            "error rate {:.1}% over {} calls against the current's {:.1}% (guard: +{:.1} points)",
+            cand_rate * 100.0,
+            candidate.calls,
+            cur_rate * 100.0,
+            guards.max_error_rate_increase * 100.0
+        ));
+    }
+    if let (Some(cand_p99), Some(cur_p99)) =
+        (candidate.quantile_ms(0.99), current.quantile_ms(0.99))
+    {
+        if current.calls >= guards.min_calls && cand_p99 > cur_p99 * (1.0 + guards.max_p99_increase)
+        {
+            return Some(format!(
+                "p99 {cand_p99:.1} ms against the current's {cur_p99:.1} ms (guard: +{:.0}%)",
+                guards.max_p99_increase * 100.0
+            ));
+        }
+    }
+    None
+}
+
+/// The candidate's auto-promotion delay in seconds, once it has passed.
+fn auto_promote_due(candidate: &Candidate) -> Option<u64> {
+    let after = candidate.auto_promote_after_secs?;
+    let since = candidate.since_secs;
+    (fleet::now_secs() >= since + after).then_some(after)
+}
+
+/// This gateway's view of every rollout, for `<prefix>/_gateways/<id>`.
+pub fn report(set: &PolicySet) -> serde_json::Value {
+    let mut policies = serde_json::Map::new();
+    for name in set.names() {
+        let Some(policy) = set.policy(&name) else {
+            continue;
+        };
+        let current = policy.current().map(|v| v.digest.clone());
+        let candidate = policy.candidate();
+        let mut entry = serde_json::json!({ "current": current });
+        if let Some(c) = candidate {
+            let s = &c.stats;
+            entry["candidate"] = c.version.digest.clone().into();
+            entry["mode"] = c.mode.as_str().into();
+            entry["percent"] = c.percent.into();
+            entry["calls"] = serde_json::json!({
+                "current": s.current.snapshot().to_json(),
+                "candidate": s.candidate.snapshot().to_json(),
+            });
+            entry["shadowed"] = s.shadowed.load(Ordering::Relaxed).into();
+            entry["divergent"] = s.divergent.load(Ordering::Relaxed).into();
+            entry["candidate_faults"] = s.candidate_faults.load(Ordering::Relaxed).into();
+            entry["withdrawn"] = c.withdrawn.load(Ordering::Relaxed).into();
+        } else {
+            entry["mode"] = "steady".into();
+        }
+        policies.insert(name, entry);
+    }
+    serde_json::Value::Object(policies)
+}

@@ -1,0 +1,428 @@
+//! Fleet rollout of policies, from outside: a 3-member etcd cluster, three
+//! `weir serve` processes, backends under continuous load, and every step
+//! taken with the `weir policy` verbs an operator would type.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weir::example::pb::echo_client::EchoClient;
+use weir::example::pb::EchoRequest;
+use weir::example::EchoBackend;
+use weir::register::{Registration, RegistrationSpec};
+use weir::testkit::Etcd;
+
+use crate::support::gateway::admin_get;
+use crate::support::process::WeirServe;
+use crate::support::{client, eventually};
+
+const PREFIX: &str = "/fleet";
+
+/// Runs `weir ARGS` against `etcd`; (success, stdout, stderr).
+fn weir(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
+    let endpoints = etcd.endpoints().join(",");
+    let out = Command::new("timeout")
+        .args(["60", env!("CARGO_BIN_EXE_weir")])
+        .args(args)
+        .args(["--etcd", &endpoints, "--prefix", PREFIX])
+        .output()
+        .expect("weir runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `weir ARGS`, which must succeed; its stdout.
+fn weir_ok(etcd: &Etcd, args: &[&str]) -> String {
+    let (ok, out, err) = weir(etcd, args);
+    assert!(ok, "weir {args:?} failed: {out}{err}");
+    out
+}
+
+/// `weir policy publish NAME FILE`: the digest (its last line).
+fn publish(etcd: &Etcd, name: &str, file: &std::path::Path) -> String {
+    let out = weir_ok(etcd, &["policy", "publish", name, file.to_str().unwrap()]);
+    out.lines().last().expect("a digest").trim().to_owned()
+}
+
+fn status(etcd: &Etcd) -> serde_json::Value {
+    let out = weir_ok(etcd, &["policy", "status", "pick", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+/// `component` with a custom section of `padding` bytes appended: the same
+/// behaviour under another digest (and as large as asked).
+pub fn padded(component: &[u8], padding: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"weir-test-padding";
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.resize(body.len() + padding, 0x5a);
+    let mut out = component.to_vec();
+    out.push(0); // custom section
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// What the load saw, by phase.
+#[derive(Default)]
+struct Load {
+    phase: AtomicUsize,
+    calls: [AtomicU64; 8],
+    failed: [AtomicU64; 8],
+    by_bad: [AtomicU64; 8],
+    stop: AtomicBool,
+}
+
+impl Load {
+    fn set_phase(&self, phase: usize) {
+        self.phase.store(phase, Ordering::SeqCst);
+    }
+    fn calls(&self, phase: usize) -> u64 {
+        self.calls[phase].load(Ordering::SeqCst)
+    }
+    fn failed(&self, phase: usize) -> u64 {
+        self.failed[phase].load(Ordering::SeqCst)
+    }
+}
+
+const STEADY: usize = 1;
+const SHADOW: usize = 2;
+const CANARY: usize = 3;
+const PROMOTED: usize = 4;
+const BAD: usize = 5;
+const AFTER: usize = 6;
+const BIG: usize = 7;
+
+/// The digest each gateway's admin view says serves `pick`.
+async fn serving(gateways: &[WeirServe]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for g in gateways {
+        let (_, body) = admin_get(g.admin_addr, "/policies").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        out.push(
+            v["policies"]["pick"]["current"]["digest"]
+                .as_str()
+                .map(str::to_owned),
+        );
+    }
+    out
+}
+
+async fn all_serve(gateways: &[WeirServe], digest: &str, limit: Duration) -> Duration {
+    let began = Instant::now();
+    let want = Some(digest.to_owned());
+    eventually(&format!("every gateway serves {digest}"), limit, || async {
+        serving(gateways).await.iter().all(|d| *d == want)
+    })
+    .await;
+    began.elapsed()
+}
+
+/// Every step of a rollout with three gateways under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back() {
+    let mut etcd = Etcd::start_cluster(3);
+    // Three good backends in the gateways' zone; a fourth that fails every
+    // call, in another zone, on a port whose key sorts first (so the
+    // `testing` policy, which picks candidate 0, picks it).
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        let echo = EchoBackend::start(&format!("good-{i}")).await.unwrap();
+        let mut spec = RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string());
+        spec.metadata.insert("zone".into(), "good".into());
+        backends.push((echo, spec));
+    }
+    let bad = loop {
+        let port = 10_000 + rand::random::<u16>() % 9_000;
+        if let Ok(echo) = EchoBackend::start_on("bad", ([127, 0, 0, 1], port).into()).await {
+            break echo;
+        }
+    };
+    bad.set_failing(13); // INTERNAL: answered, not retried, not ejected
+    let mut spec = RegistrationSpec::new(PREFIX, "echo", &bad.addr.to_string());
+    spec.metadata.insert("zone".into(), "bad".into());
+    backends.push((bad, spec));
+    let mut registrations = Vec::new();
+    for (_, spec) in &backends {
+        let mut reg = Registration::spawn(client(&etcd).await, spec.clone()).unwrap();
+        reg.registered().await;
+        registrations.push(reg);
+    }
+
+    // Versions: the current (zone-aware: stays in zone "good"), a candidate
+    // that behaves the same under another digest, a bad one, and a 20 MB one.
+    let dir = tempfile::tempdir().unwrap();
+    let zone_aware = std::fs::read(crate::policy::policy_file("zone-aware")).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let v1_file = write("v1.wasm", &zone_aware);
+    let v2_file = write("v2.wasm", &padded(&zone_aware, 16));
+    let bad_file = write(
+        "bad.wasm",
+        &std::fs::read(crate::policy::policy_file("testing")).unwrap(),
+    );
+    let big_file = write("big.wasm", &padded(&zone_aware, 20 << 20));
+
+    // A generous pick deadline: a pick cut short falls back to the native
+    // round-robin, which would send a call to the bad backend; this test is
+    // about rollouts on a busy machine, not about deadlines.
+    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+    let mut gateways: Vec<WeirServe> = (0..3)
+        .map(|i| {
+            WeirServe::start(&format!(
+                "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nzone = \"good\"\nworker_threads = 1\n\
+                 [etcd]\nendpoints = [{}]\nprefix = \"{PREFIX}\"\n\
+                 [policy]\ndeadline = \"50ms\"\n\
+                 [policy.rollout]\ngateway_id = \"gw-{i}\"\nmin_calls = 50\nwindow = \"10s\"\nreport_every = \"200ms\"\n\
+                 [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"pick\"\n",
+                endpoints.join(",")
+            ))
+        })
+        .collect();
+
+    // Publishing changes nothing; a rollout without a mode makes it current.
+    let v1 = publish(&etcd, "pick", &v1_file);
+    assert_eq!(v1.len(), 64, "a SHA-256 digest: {v1}");
+    weir_ok(&etcd, &["policy", "rollout", "pick", &v1[..12]]);
+    all_serve(&gateways, &v1, Duration::from_secs(20)).await;
+
+    // Continuous load: two callers per gateway, one call after another.
+    let load = Arc::new(Load::default());
+    load.set_phase(STEADY);
+    let mut callers = Vec::new();
+    for g in &gateways {
+        for _ in 0..2 {
+            let mut c = EchoClient::connect(format!("http://{}", g.grpc_addr))
+                .await
+                .unwrap();
+            let load = load.clone();
+            callers.push(tokio::spawn(async move {
+                while !load.stop.load(Ordering::Relaxed) {
+                    let phase = load.phase.load(Ordering::SeqCst);
+                    let reply = c.unary(EchoRequest::default()).await;
+                    load.calls[phase].fetch_add(1, Ordering::SeqCst);
+                    match reply {
+                        Ok(r) if r.get_ref().instance == "bad" => {
+                            load.by_bad[phase].fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            load.failed[phase].fetch_add(1, Ordering::SeqCst);
+                            if status.message().contains("bad failed") {
+                                load.by_bad[phase].fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    eventually("calls flow", Duration::from_secs(10), || async {
+        load.calls(STEADY) > 300
+    })
+    .await;
+
+    // Shadow: every gateway reports picks compared, and some differing
+    // (zone-aware takes the less busy of two at random).
+    let v2 = publish(&etcd, "pick", &v2_file);
+    load.set_phase(SHADOW);
+    weir_ok(&etcd, &["policy", "rollout", "pick", &v2, "--shadow"]);
+    eventually(
+        "every gateway reports divergence in shadow",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&etcd);
+            let gws = s["gateways"].as_array().cloned().unwrap_or_default();
+            gws.len() == 3
+                && gws.iter().all(|g| {
+                    g["candidate"] == v2.as_str()
+                        && g["mode"] == "shadow"
+                        && g["shadowed"].as_u64().unwrap_or(0) > 50
+                        && g["divergent"].as_u64().unwrap_or(0) > 0
+                })
+        },
+    )
+    .await;
+
+    // Canary 20 %, with an etcd member stopped meanwhile: each gateway's
+    // candidate places 20 ± 5 % of its calls.
+    load.set_phase(CANARY);
+    weir_ok(&etcd, &["policy", "rollout", "pick", &v2, "--canary", "20"]);
+    etcd.stop_member(0);
+    let mut shares = Vec::new();
+    eventually(
+        "each gateway's canary share is measured",
+        Duration::from_secs(60),
+        || {
+            let s = status(&etcd);
+            shares = s["gateways"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|g| g["mode"] == "canary")
+                .map(|g| {
+                    let cur = g["calls"].as_u64().unwrap_or(0);
+                    let cand = g["candidate_calls"].as_u64().unwrap_or(0);
+                    (cur + cand, cand as f64 * 100.0 / (cur + cand).max(1) as f64)
+                })
+                .collect::<Vec<_>>();
+            let done = shares.len() == 3 && shares.iter().all(|(n, _)| *n >= 1500);
+            async move { done }
+        },
+    )
+    .await;
+    eprintln!("canary shares (calls, %): {shares:?}");
+    for (calls, share) in &shares {
+        assert!(
+            (15.0..=25.0).contains(share),
+            "canary share {share:.1}% of {calls} calls"
+        );
+    }
+
+    // Promote: every gateway serves v2 (the command's own etcd member is up).
+    load.set_phase(PROMOTED);
+    weir_ok(&etcd, &["policy", "promote", "pick"]);
+    let took = all_serve(&gateways, &v2, Duration::from_secs(10)).await;
+    eprintln!("promotion reached every gateway in {took:?}");
+    etcd.restart_member(0);
+
+    // A bad candidate: the guard of whichever gateway sees it first rolls it
+    // back for all, having failed about its share of calls meanwhile.
+    let bad_digest = publish(&etcd, "pick", &bad_file);
+    load.set_phase(BAD);
+    weir_ok(
+        &etcd,
+        &["policy", "rollout", "pick", &bad_digest, "--canary", "20"],
+    );
+    eventually(
+        "the guard rolls the bad candidate back",
+        Duration::from_secs(60),
+        || async {
+            let s = status(&etcd);
+            s["candidate"].is_null() && s["reason"].as_str().unwrap_or("").contains("guard")
+        },
+    )
+    .await;
+    // The other gateways follow through their watch.
+    eventually(
+        "no gateway tries the bad candidate any more",
+        Duration::from_secs(10),
+        || async {
+            let s = status(&etcd);
+            s["gateways"]
+                .as_array()
+                .is_some_and(|g| g.len() == 3 && g.iter().all(|g| g["candidate"].is_null()))
+        },
+    )
+    .await;
+    load.set_phase(AFTER);
+    let reason = status(&etcd)["reason"].as_str().unwrap_or("").to_owned();
+    eprintln!("rolled back: {reason}");
+    let (bad_calls, bad_failed) = (load.calls(BAD), load.failed(BAD));
+    eprintln!("during the bad canary: {bad_failed} of {bad_calls} calls failed");
+    assert!(bad_failed > 0, "the bad candidate placed calls");
+    assert!(
+        (bad_failed as f64) <= 0.25 * bad_calls as f64 + 20.0,
+        "failed calls beyond the canary share: {bad_failed} of {bad_calls}"
+    );
+    eventually(
+        "calls flow after the rollback",
+        Duration::from_secs(10),
+        || async { load.calls(AFTER) > 200 },
+    )
+    .await;
+
+    // A 20 MB version: published in chunks, tried, promoted everywhere.
+    load.set_phase(BIG);
+    let big = publish(&etcd, "pick", &big_file);
+    let history = weir_ok(&etcd, &["policy", "history", "pick"]);
+    assert!(history.contains(&big) && history.contains(&v1), "{history}");
+    weir_ok(
+        &etcd,
+        &["policy", "rollout", "pick", &big, "--canary", "10"],
+    );
+    eventually(
+        "every gateway tries the 20 MB candidate",
+        Duration::from_secs(60),
+        || async {
+            let s = status(&etcd);
+            s["gateways"]
+                .as_array()
+                .is_some_and(|g| g.len() == 3 && g.iter().all(|g| g["candidate"] == big.as_str()))
+        },
+    )
+    .await;
+    weir_ok(&etcd, &["policy", "promote", "pick"]);
+    all_serve(&gateways, &big, Duration::from_secs(10)).await;
+    let big_calls = load.calls(BIG);
+
+    load.stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let phases: BTreeMap<usize, (u64, u64, u64)> = (1..8)
+        .map(|p| {
+            (
+                p,
+                (
+                    load.calls(p),
+                    load.failed(p),
+                    load.by_bad[p].load(Ordering::SeqCst),
+                ),
+            )
+        })
+        .collect();
+    eprintln!("calls, failed, by the bad backend, by phase: {phases:?}");
+    for phase in [STEADY, SHADOW, CANARY, PROMOTED, AFTER, BIG] {
+        assert_eq!(
+            load.failed(phase),
+            0,
+            "failed calls in phase {phase}: {phases:?}"
+        );
+    }
+    assert!(big_calls > 0);
+
+    // A deleted version goes; one in use may not.
+    let (ok, _, err) = weir(&etcd, &["policy", "delete", "pick", &big]);
+    assert!(
+        !ok && err.contains("rollout"),
+        "deleting the current version: {err}"
+    );
+    weir_ok(&etcd, &["policy", "delete", "pick", &bad_digest]);
+    assert!(!weir_ok(&etcd, &["policy", "history", "pick"]).contains(&bad_digest));
+
+    // A gateway killed (no goodbye) leaves the fleet view when its lease ends.
+    let killed = gateways.pop().unwrap();
+    drop(killed);
+    eventually(
+        "the killed gateway leaves the status",
+        Duration::from_secs(30),
+        || async {
+            let s = status(&etcd);
+            s["gateways"].as_array().is_some_and(|g| g.len() == 2)
+        },
+    )
+    .await;
+    drop(registrations);
+}
