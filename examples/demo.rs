@@ -97,6 +97,8 @@ struct Demo {
     admin: SocketAddr,
     policy_dir: PathBuf,
     builtins: PathBuf,
+    /// The `weir` binary (also the `weir policy` verbs).
+    weir: PathBuf,
     traffic: Arc<Traffic>,
     table: Table,
     swaps: Vec<(String, Duration)>,
@@ -235,6 +237,8 @@ prefix = "{PREFIX}"
 interval = "500ms"
 [policy]
 dir = "{}"
+[policy.rollout]
+report_every = "500ms"
 [[route]]
 match = "/weir.example.v1.Echo/"
 service = "echo"
@@ -269,6 +273,7 @@ idempotent = true
             admin,
             policy_dir,
             builtins,
+            weir,
             traffic: Arc::default(),
             table: Table::new(tty),
             swaps: Vec::new(),
@@ -458,7 +463,83 @@ idempotent = true
             ),
             still && shares[0] > 0.95,
         );
+
+        heading("7. a canary across the fleet: `weighted` on 20% of calls, then promoted");
+        let zone_aware = self.builtins.join("zone-aware.wasm");
+        let current = self
+            .weir_policy(&["publish", "demo", &zone_aware.display().to_string()])
+            .await?;
+        self.weir_policy(&["rollout", "demo", &current]).await?;
+        let weighted = self.builtins.join("weighted.wasm");
+        let candidate = self
+            .weir_policy(&["publish", "demo", &weighted.display().to_string()])
+            .await?;
+        self.weir_policy(&["rollout", "demo", &candidate, "--canary", "20"])
+            .await?;
+        say(&format!(
+            "weir policy publish demo weighted.wasm; weir policy rollout demo {} --canary 20 (zone-aware, published too, is the current)",
+            &candidate[..12]
+        ));
+        self.run_step().await?;
+        let status: Value = serde_json::from_str(
+            &self
+                .weir_policy_output(&["status", "demo", "--json"])
+                .await?,
+        )?;
+        let g = &status["gateways"][0];
+        let (cur, cand) = (
+            g["calls"].as_u64().unwrap_or(0),
+            g["candidate_calls"].as_u64().unwrap_or(0),
+        );
+        let share = cand as f64 * 100.0 / (cur + cand).max(1) as f64;
+        let p99 = |v: &Value| v.as_f64().map_or("-".into(), |m| format!("{m:.0} ms"));
+        say(&format!(
+            "weir policy status demo: current {cur} calls (p99 {}, errors {}), candidate {cand} calls (p99 {}, errors {})",
+            p99(&g["p99_ms"]),
+            g["error_rate"],
+            p99(&g["candidate_p99_ms"]),
+            g["candidate_error_rate"],
+        ));
+        self.check(
+            format!("canary: the candidate placed {share:.1}% of calls (asked: 20%)"),
+            (12.0..=28.0).contains(&share),
+        );
+        let promoted = Instant::now();
+        self.weir_policy(&["promote", "demo"]).await?;
+        let bytes = std::fs::read(&weighted)?;
+        let took = self.until_serving(&bytes, promoted).await?;
+        self.swaps.push(("weighted (promoted)".into(), took));
+        self.check(
+            format!(
+                "weir policy promote demo: weighted serves every call after {}",
+                ms(took)
+            ),
+            took < Duration::from_secs(5),
+        );
         Ok(())
+    }
+
+    /// `weir policy ARGS` against the demo's etcd; the last line it printed.
+    async fn weir_policy(&self, args: &[&str]) -> Result<String> {
+        let out = self.weir_policy_output(args).await?;
+        Ok(out.lines().last().unwrap_or("").trim().to_owned())
+    }
+
+    async fn weir_policy_output(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.weir)
+            .arg("policy")
+            .args(args)
+            .args(["--etcd", &self.etcd.endpoints()[0], "--prefix", PREFIX])
+            .output()
+            .await
+            .context("running weir policy")?;
+        if !out.status.success() {
+            bail!(
+                "weir policy {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs the traffic for one step with the live table; returns each

@@ -24,11 +24,14 @@ fn the_demo_runs_to_the_end_with_no_failed_call() {
     assert!(out.status.success(), "the demo failed:\n{report}");
     let has = |needle: &str| stdout.lines().any(|l| l.contains(needle));
     assert!(has("failed calls: 0"), "{report}");
-    assert!(has("checks: 7 of 7 as expected"), "{report}");
+    assert!(has("checks: 9 of 9 as expected"), "{report}");
     assert!(
-        has("policy swaps: 3 (weighted (file)") && has("zone-aware (etcd)"),
+        has("policy swaps: 4 (weighted (file)")
+            && has("zone-aware (etcd)")
+            && has("weighted (promoted)"),
         "{report}"
     );
+    assert!(has("canary: the candidate placed"), "{report}");
     assert!(has("rejected policy versions: 1"), "{report}");
     for stopped in [
         "alpha: exited cleanly",
