@@ -53,6 +53,8 @@ pub struct Compiled {
     pub component: Component,
     pub reads_call: bool,
     pub learns_from_outcomes: bool,
+    /// Exports `export-state` and `import-state` (world `stateful-balancer`).
+    pub carries_state: bool,
 }
 
 pub struct PolicyEngine {
@@ -160,13 +162,14 @@ impl PolicyEngine {
             )));
         }
         let mut linker = self.linker.clone();
-        for (name, _) in ty.imports(&self.engine) {
-            super::wasi_random::define(&mut linker, name)
+        for (name, item) in ty.imports(&self.engine) {
+            let defined = super::wasi_random::define(&mut linker, name)
                 .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+            if !defined && name.starts_with("wasi:") {
+                stub_as_traps(&mut linker, &self.engine, name, item.ty)
+                    .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+            }
         }
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .map_err(|e| PolicyError::World(format!("{e:#}")))?;
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| PolicyError::World(format!("{e:#}")))?;
@@ -176,11 +179,14 @@ impl PolicyEngine {
             .imports(&self.engine)
             .any(|(name, _)| name.starts_with("weir:policy/call"));
         let learns_from_outcomes = component.get_export_index(None, "observe").is_some();
+        let carries_state = component.get_export_index(None, "export-state").is_some()
+            && component.get_export_index(None, "import-state").is_some();
         Ok(Compiled {
             pre,
             component,
             reads_call,
             learns_from_outcomes,
+            carries_state,
         })
     }
 
@@ -194,6 +200,43 @@ impl PolicyEngine {
     pub fn stop(&mut self) {
         self.ticker.stop();
     }
+}
+
+/// Defines WASI import `name` (an interface) with functions that trap when
+/// called and opaque resources. Only WASI: weir's own interfaces are in the
+/// linker under 0.1.1 and an import of 0.1.0 resolves to them by semver —
+/// wasmtime's `define_unknown_imports_as_traps` would define the 0.1.0 names
+/// as traps instead (exact names win).
+fn stub_as_traps(
+    linker: &mut Linker<HostState>,
+    engine: &Engine,
+    name: &str,
+    item: wasmtime::component::types::ComponentItem,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::types::ComponentItem;
+    let ComponentItem::ComponentInstance(instance) = item else {
+        return Ok(()); // a WASI import is an interface; anything else fails to link
+    };
+    let mut stubs = linker.instance(name)?;
+    for (export, ty) in instance.exports(engine) {
+        match ty.ty {
+            ComponentItem::ComponentFunc(_) => {
+                let called = format!("{name}#{export}");
+                stubs.func_new(export, move |_, _, _, _| {
+                    wasmtime::bail!("unknown import: `{called}` has not been defined")
+                })?;
+            }
+            ComponentItem::Resource(_) => {
+                stubs.resource(
+                    export,
+                    wasmtime::component::ResourceType::host::<()>(),
+                    |_, _| Ok(()),
+                )?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The one thread components compile on, one at a time, at a low CPU

@@ -195,6 +195,7 @@ impl PolicySet {
         let policy = self.policy_or_create(name);
         let serving = policy.current();
         if serving.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &current)) {
+            self.hand_over(name, serving.as_deref(), &current);
             let old = policy.current.swap(Some(current.clone()));
             if old.is_some() {
                 policy.last_good.store(old);
@@ -227,6 +228,18 @@ impl PolicySet {
                 }
             }
         }
+    }
+
+    /// Moves the learned state of the version serving `name` to the one
+    /// about to replace it, when both carry state (`stateful-balancer`).
+    /// The calls placed between the two steps are not in it.
+    fn hand_over(&self, name: &str, from: Option<&PolicyVersion>, to: &PolicyVersion) {
+        let Some(from) = from.filter(|f| f.carries_state && to.carries_state) else {
+            return;
+        };
+        let states = from.export_states(&self.engine);
+        let taken = to.import_states(&self.engine, &states);
+        tracing::info!(policy = name, from = %from.digest, to = %to.digest, instances = taken, "learned state handed to the new version");
     }
 
     fn count_refusal(&self, refusal: &Refusal) {
@@ -273,6 +286,7 @@ impl PolicySet {
         match outcome {
             Ok(version) => {
                 let policy = self.policy_or_create(name);
+                self.hand_over(name, policy.current().as_deref(), &version);
                 let old = policy.current.swap(Some(version.clone()));
                 if old.is_some() {
                     policy.last_good.store(old);
@@ -407,9 +421,18 @@ impl PolicySet {
                         "faults": v.faults.load(std::sync::atomic::Ordering::Relaxed),
                         "reads_call": v.reads_call,
                         "learns_from_outcomes": v.learns_from_outcomes,
+                        "carries_state": v.carries_state,
                     })
                 });
-                (name.to_string(), serde_json::json!({ "current": version, "last_error": policy.last_error() }))
+                let candidate = policy.candidate().map(|c| {
+                    serde_json::json!({
+                        "digest": c.version.digest,
+                        "mode": c.mode.as_str(),
+                        "percent": c.percent,
+                        "withdrawn": c.withdrawn.load(Ordering::Relaxed),
+                    })
+                });
+                (name.to_string(), serde_json::json!({ "current": version, "candidate": candidate, "last_error": policy.last_error() }))
             })
             .collect();
         serde_json::json!({

@@ -85,6 +85,13 @@ struct Live {
     bindings: Balancer,
     /// The optional `observe` export (world `learning-balancer`).
     observe: Option<TypedFunc<(u64, u32, u32, u32), ()>>,
+    /// The optional state exports (world `stateful-balancer`).
+    state: Option<StateFuncs>,
+}
+
+struct StateFuncs {
+    export: TypedFunc<(), (Vec<u8>,)>,
+    import: TypedFunc<(Vec<u8>,), ()>,
 }
 
 impl std::fmt::Debug for PolicyVersion {
@@ -106,6 +113,8 @@ pub struct PolicyVersion {
     pub loaded_at: SystemTime,
     pub reads_call: bool,
     pub learns_from_outcomes: bool,
+    /// Hands its learned state to the version that replaces it.
+    pub carries_state: bool,
     pre: BalancerPre<HostState>,
     instances: Box<[Instance]>,
     pub picks: AtomicU64,
@@ -129,6 +138,7 @@ impl PolicyVersion {
             loaded_at: SystemTime::now(),
             reads_call: compiled.reads_call,
             learns_from_outcomes: compiled.learns_from_outcomes,
+            carries_state: compiled.carries_state,
             pre: compiled.pre,
             instances: (0..engine.limits.instances.max(1))
                 .map(|_| Instance {
@@ -259,6 +269,61 @@ impl PolicyVersion {
         })
     }
 
+    /// Each instance's learned state (`export-state`), in instance order;
+    /// `None` for an instance that has none to give (not made, or faulted).
+    /// Empty for a version that does not carry state.
+    pub fn export_states(&self, engine: &PolicyEngine) -> Vec<Option<Vec<u8>>> {
+        if !self.carries_state {
+            return Vec::new();
+        }
+        self.instances
+            .iter()
+            .map(|instance| {
+                let mut guard = instance.live.lock().unwrap_or_else(|p| p.into_inner());
+                let live = guard.as_mut()?;
+                let funcs = live.state.as_ref()?;
+                let _running = engine.running();
+                live.store.set_epoch_deadline(engine.instantiate_ticks());
+                match funcs.export.call(&mut live.store, ()) {
+                    Ok((state,)) => Some(state),
+                    Err(err) => {
+                        tracing::warn!(policy = %self.name, fault = %classify(&err), "export-state failed: that instance's state is lost");
+                        *guard = None;
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Gives each instance the state of the matching instance of the
+    /// version this one replaces (see [`export_states`](Self::export_states)).
+    /// Returns how many instances took one.
+    pub fn import_states(&self, engine: &PolicyEngine, states: &[Option<Vec<u8>>]) -> usize {
+        if !self.carries_state {
+            return 0;
+        }
+        let mut taken = 0;
+        for (instance, state) in self.instances.iter().zip(states) {
+            let Some(state) = state else { continue };
+            let mut guard = instance.live.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(live) = guard.as_mut() else { continue };
+            let Some(funcs) = live.state.as_ref() else {
+                continue;
+            };
+            let _running = engine.running();
+            live.store.set_epoch_deadline(engine.instantiate_ticks());
+            match funcs.import.call(&mut live.store, (state.clone(),)) {
+                Ok(()) => taken += 1,
+                Err(err) => {
+                    tracing::warn!(policy = %self.name, fault = %classify(&err), "import-state failed: that instance starts fresh");
+                    *guard = None;
+                }
+            }
+        }
+        taken
+    }
+
     /// The first free instance, in order: picks one after another always use
     /// the first, so a stateful policy (round-robin's counter) stays exact;
     /// more are used only while picks really run at the same time. Never
@@ -321,10 +386,19 @@ impl PolicyVersion {
         } else {
             None
         };
+        let state = if self.carries_state {
+            Some(StateFuncs {
+                export: instance.get_typed_func(&mut store, "export-state")?,
+                import: instance.get_typed_func(&mut store, "import-state")?,
+            })
+        } else {
+            None
+        };
         Ok(Live {
             store,
             bindings,
             observe,
+            state,
         })
     }
 }

@@ -760,3 +760,67 @@ mod through_the_gateway {
         }
     }
 }
+
+/// The adaptive policy's learned scores move to its next version: what each
+/// instance of the new version holds right after the swap equals what the
+/// old one held (world `stateful-balancer`, `export-state`/`import-state`).
+#[test]
+fn the_adaptive_policy_keeps_its_scores_across_a_swap() {
+    let set = set();
+    set.install_file("adaptive", &policy_file("adaptive"))
+        .unwrap();
+    let old = set.policy("adaptive").unwrap().current().unwrap();
+    assert!(old.carries_state, "adaptive exports its state");
+    let balancer = set.balancer("adaptive");
+    let members = synthetic_members(4);
+    // Pick (so the scores exist for this generation), then tell it that
+    // calls on endpoint 2 fail and on the others succeed.
+    for _ in 0..50 {
+        pick(&*balancer, &members, &HeaderMap::new()).unwrap();
+    }
+    for i in 0..400u32 {
+        let set_index = i % 4;
+        balancer.observe(&weir::balance::Outcome {
+            generation: members.generation(),
+            set_index,
+            status: if set_index == 2 { 14 } else { 0 },
+            latency_us: 1_000,
+            placed_by: 0,
+        });
+    }
+    let engine = set.engine();
+    let before = old.export_states(engine);
+    assert!(
+        before.iter().flatten().any(|s| s.len() > 12),
+        "the old version learned scores: {before:?}"
+    );
+    // A new version of the same policy (another digest, same code).
+    let next = crate::fleet::padded(&std::fs::read(policy_file("adaptive")).unwrap(), 8);
+    let new = set.install("adaptive", &next, "next".into()).unwrap();
+    assert_ne!(new.digest, old.digest);
+    let after = new.export_states(engine);
+    assert_eq!(after, before, "the new version holds the old one's scores");
+}
+
+/// A component built against `weir:policy@0.1.0` (before 0.1.1 added the
+/// stateful world) still installs and picks: the host links its 0.1.0
+/// imports to its 0.1.1 interfaces.
+#[test]
+fn a_component_built_for_wit_0_1_0_keeps_working() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zone-aware-wit-0.1.0.wasm");
+    let bytes = std::fs::read(&path).unwrap();
+    let imports_0_1_0 = bytes
+        .windows(b"weir:policy/backends@0.1.0".len())
+        .any(|w| w == b"weir:policy/backends@0.1.0");
+    assert!(imports_0_1_0, "the fixture imports weir:policy 0.1.0");
+    let set = set();
+    set.install("old", &bytes, path.display().to_string())
+        .expect("a 0.1.0 component installs");
+    let balancer = set.balancer("old");
+    let members = synthetic_members(3);
+    for _ in 0..10 {
+        let picked = pick(&*balancer, &members, &HeaderMap::new()).unwrap();
+        assert!(picked < 3);
+    }
+}

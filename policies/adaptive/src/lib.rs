@@ -1,4 +1,5 @@
-//! adaptive: learns from outcomes (world `learning-balancer`).
+//! adaptive: learns from outcomes (world `stateful-balancer`: its scores
+//! move to the next version of it on a swap).
 //!
 //! Health checks and outlier detection catch a backend that is down; they do
 //! not catch one that answers every call with INTERNAL. This policy does:
@@ -11,7 +12,7 @@
 //! nearly every draw, and one pick in 64 goes to a random candidate so a
 //! recovered endpoint is noticed.
 
-wit_bindgen::generate!({ path: "../../wit", world: "learning-balancer" });
+wit_bindgen::generate!({ path: "../../wit", world: "stateful-balancer" });
 
 use std::cell::RefCell;
 use weir::policy::backends;
@@ -98,6 +99,42 @@ impl Guest for Adaptive {
             };
         });
     }
+
+    /// `adp1`, the generation (u64), then each score (f32), little-endian.
+    fn export_state() -> Vec<u8> {
+        STATE.with(|state| {
+            let state = state.borrow();
+            let mut out = Vec::with_capacity(12 + 4 * state.scores.len());
+            out.extend_from_slice(STATE_MAGIC);
+            out.extend_from_slice(&state.generation.to_le_bytes());
+            for score in &state.scores {
+                out.extend_from_slice(&score.to_le_bytes());
+            }
+            out
+        })
+    }
+
+    /// Takes what `export_state` wrote; anything else is ignored (the
+    /// scores start fresh).
+    fn import_state(bytes: Vec<u8>) {
+        let Some(rest) = bytes.strip_prefix(STATE_MAGIC) else {
+            return;
+        };
+        if rest.len() < 8 || (rest.len() - 8) % 4 != 0 {
+            return;
+        }
+        let (generation, scores) = rest.split_at(8);
+        let generation = u64::from_le_bytes(generation.try_into().expect("8 bytes"));
+        let scores = scores
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .map(|s| if s.is_finite() { s.clamp(FLOOR, 1.0) } else { 1.0 })
+            .collect();
+        STATE.with(|state| *state.borrow_mut() = State { generation, scores });
+    }
 }
+
+/// The first bytes of an exported state (its format's version).
+const STATE_MAGIC: &[u8] = b"adp1";
 
 export!(Adaptive);
