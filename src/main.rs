@@ -132,6 +132,10 @@ enum PolicyCommand {
         /// 1, as listed); repeat for more.
         #[arg(long = "meta", value_parser = parse_endpoint_meta)]
         meta: Vec<(usize, String, String)>,
+        /// Linear memory one instance may use, as the gateway's
+        /// `[policy] memory_mib` (a Python policy needs about 16).
+        #[arg(long, default_value_t = 8)]
+        memory_mib: usize,
     },
     /// Make a signing key: writes the secret key to --out (mode 0600) and
     /// prints the public key for `[policy] trusted_keys` as the last line.
@@ -313,9 +317,10 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             backends,
             picks,
             meta,
+            memory_mib,
         } => {
             tokio::task::spawn_blocking(move || {
-                weir::commands::policy::check(&file, backends, picks, &meta)
+                weir::commands::policy::check(&file, backends, picks, &meta, memory_mib)
             })
             .await?
         }

@@ -17,6 +17,7 @@ pub fn check(
     backends: usize,
     picks: usize,
     meta: &[(usize, String, String)],
+    memory_mib: usize,
 ) -> anyhow::Result<()> {
     if let Some((n, ..)) = meta.iter().find(|(n, ..)| *n >= backends.max(1)) {
         anyhow::bail!(
@@ -26,7 +27,11 @@ pub fn check(
         );
     }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let engine = PolicyEngine::new(Limits::default(), Some("zone-0".into()))?;
+    let limits = Limits {
+        memory_bytes: memory_mib.clamp(1, 4096) << 20,
+        ..Limits::default()
+    };
+    let engine = PolicyEngine::new(limits, Some("zone-0".into()))?;
     // The name only labels logs here; any file name will do.
     let name = file
         .file_stem()
