@@ -361,10 +361,12 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             .await
         }
         PolicyCommand::Promote { name, fleet } => {
-            fleet::promote(&fleet.etcd.access(), &fleet.prefix, &name).await
+            let access = fleet.etcd.access();
+            fleet::end_trial(&access, &fleet.prefix, &name, fleet::Ending::Promote).await
         }
         PolicyCommand::Rollback { name, fleet } => {
-            fleet::rollback(&fleet.etcd.access(), &fleet.prefix, &name).await
+            let access = fleet.etcd.access();
+            fleet::end_trial(&access, &fleet.prefix, &name, fleet::Ending::Rollback).await
         }
         PolicyCommand::Status { name, json, fleet } => {
             fleet::status(&fleet.etcd.access(), &fleet.prefix, &name, json).await

@@ -197,24 +197,19 @@ pub async fn rollout(
     Ok(())
 }
 
-pub async fn promote(access: &EtcdAccess, prefix: &str, name: &str) -> anyhow::Result<()> {
-    let by = operator();
-    let next = retrying(|| async {
-        let mut client = client(access).await?;
-        fleet::change_rollout(&mut client, prefix, name, |state| {
-            let Some(state) = state else {
-                return Err(format!("{name:?} has no rollout"));
-            };
-            state.promote(&by, &format!("promoted by {by}"))
-        })
-        .await
-    })
-    .await?;
-    print_state(name, &next);
-    Ok(())
+/// How `weir policy promote` / `rollback` ends a trial.
+#[derive(Clone, Copy)]
+pub enum Ending {
+    Promote,
+    Rollback,
 }
 
-pub async fn rollback(access: &EtcdAccess, prefix: &str, name: &str) -> anyhow::Result<()> {
+pub async fn end_trial(
+    access: &EtcdAccess,
+    prefix: &str,
+    name: &str,
+    ending: Ending,
+) -> anyhow::Result<()> {
     let by = operator();
     let next = retrying(|| async {
         let mut client = client(access).await?;
@@ -222,7 +217,10 @@ pub async fn rollback(access: &EtcdAccess, prefix: &str, name: &str) -> anyhow::
             let Some(state) = state else {
                 return Err(format!("{name:?} has no rollout"));
             };
-            state.rollback(&by, &format!("rolled back by {by}"))
+            match ending {
+                Ending::Promote => state.promote(&by, &format!("promoted by {by}")),
+                Ending::Rollback => state.rollback(&by, &format!("rolled back by {by}")),
+            }
         })
         .await
     })

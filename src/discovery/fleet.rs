@@ -464,10 +464,10 @@ pub async fn put_report(
 }
 
 impl RolloutState {
-    /// `version` runs on every call now (no candidate).
-    pub fn set_current(&self, version: &str, by: &str) -> RolloutState {
+    /// `current` places every call (no candidate).
+    fn steady(current: Option<String>, by: &str, reason: String) -> RolloutState {
         RolloutState {
-            current: Some(version.to_owned()),
+            current,
             candidate: None,
             mode: Mode::Steady,
             percent: 0.0,
@@ -475,8 +475,17 @@ impl RolloutState {
             candidate_since: 0,
             changed_at: now_secs(),
             changed_by: by.to_owned(),
-            reason: format!("{} made current", short(version)),
+            reason,
         }
+    }
+
+    /// `version` runs on every call now (no candidate).
+    pub fn set_current(&self, version: &str, by: &str) -> RolloutState {
+        RolloutState::steady(
+            Some(version.to_owned()),
+            by,
+            format!("{} made current", short(version)),
+        )
     }
 
     /// `version` tried beside the current one, in `mode` (canary: on
@@ -520,9 +529,11 @@ impl RolloutState {
         let Some(candidate) = &self.candidate else {
             return Err("no candidate to promote".into());
         };
-        let mut next = self.set_current(candidate, by);
-        next.reason = reason.to_owned();
-        Ok(next)
+        Ok(RolloutState::steady(
+            Some(candidate.clone()),
+            by,
+            reason.to_owned(),
+        ))
     }
 
     /// The candidate is dropped; the current version places every call.
@@ -530,17 +541,11 @@ impl RolloutState {
         if self.candidate.is_none() {
             return Err("no candidate to roll back".into());
         }
-        Ok(RolloutState {
-            current: self.current.clone(),
-            candidate: None,
-            mode: Mode::Steady,
-            percent: 0.0,
-            auto_promote_after_secs: None,
-            candidate_since: 0,
-            changed_at: now_secs(),
-            changed_by: by.to_owned(),
-            reason: reason.to_owned(),
-        })
+        Ok(RolloutState::steady(
+            self.current.clone(),
+            by,
+            reason.to_owned(),
+        ))
     }
 }
 

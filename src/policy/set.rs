@@ -150,13 +150,21 @@ impl PolicySet {
         signature: Option<&[u8]>,
         key: String,
     ) -> Result<Arc<PolicyVersion>, PolicyError> {
-        if !self.provenance.allows(name) {
-            let refusal = Refusal::NotAllowed(name.to_owned());
-            self.count_refusal(&refusal);
-            tracing::warn!(key = %key, cause = %refusal, "policy in etcd ignored");
-            return Err(refusal.into());
-        }
+        self.allowed_from_etcd(name, &key)?;
         self.install_signed(name, bytes, signature, key)
+    }
+
+    /// Refuses a name `[policy] allow` does not let etcd publish. It makes
+    /// no state here (the prefix's writers choose names): it is logged and
+    /// counted only.
+    fn allowed_from_etcd(&self, name: &str, source: &str) -> Result<(), PolicyError> {
+        if self.provenance.allows(name) {
+            return Ok(());
+        }
+        let refusal = Refusal::NotAllowed(name.to_owned());
+        self.count_refusal(&refusal);
+        tracing::warn!(source, cause = %refusal, "policy in etcd ignored");
+        Err(refusal.into())
     }
 
     /// Checks a version a fleet rollout names (its name allowed from etcd,
@@ -169,11 +177,7 @@ impl PolicySet {
         signature: Option<&[u8]>,
         source: String,
     ) -> Result<Arc<PolicyVersion>, PolicyError> {
-        if !self.provenance.allows(name) {
-            let refusal = Refusal::NotAllowed(name.to_owned());
-            self.count_refusal(&refusal);
-            return Err(self.failed(name, refusal.into()));
-        }
+        self.allowed_from_etcd(name, &source)?;
         let digest = super::version::digest_bytes(bytes);
         if let Err(refusal) = self.provenance.check(&digest, signature) {
             self.count_refusal(&refusal);

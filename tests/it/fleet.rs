@@ -204,7 +204,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     let v1 = publish(&etcd, "pick", &v1_file);
     assert_eq!(v1.len(), 64, "a SHA-256 digest: {v1}");
     weir_ok(&etcd, &["policy", "rollout", "pick", &v1[..12]]);
-    all_serve(&gateways, &v1, Duration::from_secs(20)).await;
+    all_serve(&gateways, &v1, Duration::from_secs(60)).await;
 
     // Continuous load: two callers per gateway, one call after another.
     let load = Arc::new(Load::default());
@@ -237,7 +237,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
             }));
         }
     }
-    eventually("calls flow", Duration::from_secs(10), || async {
+    eventually("calls flow", Duration::from_secs(30), || async {
         load.calls(STEADY) > 300
     })
     .await;
@@ -249,7 +249,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     weir_ok(&etcd, &["policy", "rollout", "pick", &v2, "--shadow"]);
     eventually(
         "every gateway reports divergence in shadow",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || async {
             let s = status(&etcd);
             let gws = s["gateways"].as_array().cloned().unwrap_or_default();
@@ -272,7 +272,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     let mut shares = Vec::new();
     eventually(
         "each gateway's canary share is measured",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             let s = status(&etcd);
             shares = s["gateways"]
@@ -303,7 +303,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     // Promote: every gateway serves v2 (the command's own etcd member is up).
     load.set_phase(PROMOTED);
     weir_ok(&etcd, &["policy", "promote", "pick"]);
-    let took = all_serve(&gateways, &v2, Duration::from_secs(10)).await;
+    let took = all_serve(&gateways, &v2, Duration::from_secs(30)).await;
     eprintln!("promotion reached every gateway in {took:?}");
     etcd.restart_member(0);
 
@@ -317,7 +317,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     );
     eventually(
         "the guard rolls the bad candidate back",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             let s = status(&etcd);
             s["candidate"].is_null() && s["reason"].as_str().unwrap_or("").contains("guard")
@@ -327,7 +327,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     // The other gateways follow through their watch.
     eventually(
         "no gateway tries the bad candidate any more",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let s = status(&etcd);
             s["gateways"]
@@ -348,7 +348,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     );
     eventually(
         "calls flow after the rollback",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { load.calls(AFTER) > 200 },
     )
     .await;
@@ -364,7 +364,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     );
     eventually(
         "every gateway tries the 20 MB candidate",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             let s = status(&etcd);
             s["gateways"]
@@ -374,7 +374,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     )
     .await;
     weir_ok(&etcd, &["policy", "promote", "pick"]);
-    all_serve(&gateways, &big, Duration::from_secs(10)).await;
+    all_serve(&gateways, &big, Duration::from_secs(60)).await;
     let big_calls = load.calls(BIG);
 
     load.stop.store(true, Ordering::Relaxed);
@@ -417,7 +417,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     drop(killed);
     eventually(
         "the killed gateway leaves the status",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let s = status(&etcd);
             s["gateways"].as_array().is_some_and(|g| g.len() == 2)
