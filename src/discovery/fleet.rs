@@ -1,10 +1,13 @@
 //! The fleet's policy records in etcd, shared by every gateway of a prefix
 //! and by the `weir policy` commands that change them:
 //!
-//! - `<prefix>/_chunks/<digest>/<n>`: a component's bytes, content-addressed
+//! - `<prefix>.chunks/<digest>/<n>`: a component's bytes, content-addressed
 //!   by SHA-256 and cut into chunks under etcd's request limit (1.5 MiB by
 //!   default), so a component of any size up to the policy size cap can be
-//!   published;
+//!   published. Beside the prefix, not under it: every gateway watches
+//!   `<prefix>/` for endpoints, and an 18 MB publication under it would
+//!   stream to every watcher (gateways, `weir discover --watch`) to be
+//!   dropped there; chunks are read only when a manifest names them;
 //! - `<prefix>/_versions/<name>/<digest>`: a version's manifest (size, digest,
 //!   time, signature): written after its chunks, so a manifest seen means
 //!   every chunk is there. Versions stay until deleted;
@@ -140,7 +143,7 @@ pub fn manifest_key(prefix: &str, name: &str, digest: &str) -> String {
 }
 
 fn chunks_prefix(prefix: &str, digest: &str) -> String {
-    format!("{}/_chunks/{digest}/", base(prefix))
+    format!("{}.chunks/{digest}/", base(prefix))
 }
 
 fn chunk_key(prefix: &str, digest: &str, n: u32) -> String {

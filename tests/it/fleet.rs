@@ -356,6 +356,30 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     // A 20 MB version: published in chunks, tried, promoted everywhere.
     load.set_phase(BIG);
     let big = publish(&etcd, "pick", &big_file);
+    // Its 21 chunks sit beside the prefix: the endpoint watch (on `/fleet/`)
+    // never streams them.
+    let mut kv = client(&etcd).await;
+    let keys_only = || {
+        Some(
+            etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_keys_only(),
+        )
+    };
+    let chunks = kv
+        .get(format!("{PREFIX}.chunks/{big}/"), keys_only())
+        .await
+        .unwrap();
+    assert_eq!(chunks.kvs().len(), 21, "20 MB in 1 MiB chunks");
+    let under = kv
+        .get(
+            format!("{PREFIX}/"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let bytes: usize = under.kvs().iter().map(|kv| kv.value().len()).sum();
+    assert!(bytes < 1 << 20, "{bytes} bytes under {PREFIX}/");
     let history = weir_ok(&etcd, &["policy", "history", "pick"]);
     assert!(history.contains(&big) && history.contains(&v1), "{history}");
     weir_ok(
@@ -425,4 +449,85 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
     )
     .await;
     drop(registrations);
+}
+
+/// `--auto-promote-after`: a candidate that stays within its guards that
+/// long is promoted by a gateway (one compare-and-swap), and every gateway
+/// then serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_within_its_guards_is_promoted_after_its_time() {
+    let etcd = Etcd::start();
+    let echo = EchoBackend::start("good").await.unwrap();
+    let mut reg = Registration::spawn(
+        client(&etcd).await,
+        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
+    )
+    .unwrap();
+    reg.registered().await;
+    let dir = tempfile::tempdir().unwrap();
+    let least_conn = std::fs::read(crate::policy::policy_file("least-conn")).unwrap();
+    let v1_file = dir.path().join("v1.wasm");
+    let v2_file = dir.path().join("v2.wasm");
+    std::fs::write(&v1_file, &least_conn).unwrap();
+    std::fs::write(&v2_file, padded(&least_conn, 16)).unwrap();
+    let gateway = WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\n\
+         [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+         [policy]\ndeadline = \"50ms\"\n\
+         [policy.rollout]\ngateway_id = \"solo\"\nmin_calls = 20\nwindow = \"5s\"\nreport_every = \"200ms\"\n\
+         [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"pick\"\n",
+        etcd.endpoint(0)
+    ));
+    let gateways = [gateway];
+    let v1 = publish(&etcd, "pick", &v1_file);
+    weir_ok(&etcd, &["policy", "rollout", "pick", &v1]);
+    all_serve(&gateways, &v1, Duration::from_secs(60)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut c = EchoClient::connect(format!("http://{}", gateways[0].grpc_addr))
+        .await
+        .unwrap();
+    let caller = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if c.unary(EchoRequest::default()).await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let v2 = publish(&etcd, "pick", &v2_file);
+    weir_ok(
+        &etcd,
+        &[
+            "policy",
+            "rollout",
+            "pick",
+            &v2,
+            "--canary",
+            "50",
+            "--auto-promote-after",
+            "2s",
+        ],
+    );
+    eventually(
+        "the gateway promotes the candidate",
+        Duration::from_secs(60),
+        || async {
+            let s = status(&etcd);
+            s["current"] == v2.as_str() && s["candidate"].is_null()
+        },
+    )
+    .await;
+    let s = status(&etcd);
+    assert_eq!(s["changed_by"], "solo", "promoted by the gateway: {s}");
+    assert!(
+        s["reason"].as_str().unwrap_or("").contains("auto-promoted"),
+        "{s}"
+    );
+    all_serve(&gateways, &v2, Duration::from_secs(30)).await;
+    stop.store(true, Ordering::Relaxed);
+    caller.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no call failed");
 }
