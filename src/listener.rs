@@ -84,17 +84,27 @@ impl Runtimes {
     pub fn start(extra: usize, stop: &CancellationToken) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(extra);
         for n in 1..=extra {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            let started = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("weir-data-{n}"))
-                .spawn(move || {
-                    RUNTIME.with(|r| r.set(n));
-                    runtime.block_on(stop.cancelled())
-                })?;
+                .build()
+                .and_then(|runtime| {
+                    let handle = runtime.handle().clone();
+                    let stop = stop.clone();
+                    std::thread::Builder::new()
+                        .name(format!("weir-data-{n}"))
+                        .spawn(move || {
+                            RUNTIME.with(|r| r.set(n));
+                            runtime.block_on(stop.cancelled())
+                        })
+                        .map(|_| handle)
+                });
+            match started {
+                Ok(handle) => handles.push(handle),
+                Err(err) => {
+                    stop.cancel(); // the threads already started end
+                    return Err(err);
+                }
+            }
         }
         Ok(Runtimes::with_handles(handles))
     }
@@ -172,16 +182,31 @@ pub async fn accept_loop<S, F>(
                 }
             },
         };
-        let open = slot.open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenConnection::new(slot.open.clone());
         let task = connections.track_future(serve(incoming, peer));
         let task = async move {
+            let _open = open; // given back however the task ends
             task.await;
-            open.fetch_sub(1, Ordering::Relaxed);
         };
         match &slot.handle {
             None => drop(tokio::spawn(task)),
             Some(handle) => drop(handle.spawn(task)),
         }
+    }
+}
+
+/// One connection counted on its runtime's slot until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -245,6 +245,9 @@ async fn start_data_path(
     weir.register_collector(Box::new(CallCounts::new(&proxy)));
     weir.register_collector(Box::new(BackendStats(backends.clone())));
     registry
+        .sub_registry_with_prefix("weir_policy")
+        .register_collector(Box::new(policy::rollout::RolloutMetrics(policies.clone())));
+    registry
         .sub_registry_with_prefix("weir_discovery")
         .register_collector(Box::new(discovery::Staleness(table.clone())));
     tasks.spawn(keep_members_current(

@@ -316,9 +316,13 @@ pub async fn status(
         "diverged"
     );
     let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => fleet::short(s).to_owned(),
+        serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".to_owned(),
         other => other.to_string(),
+    };
+    let digest = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => fleet::short(s).to_owned(),
+        other => text(other),
     };
     let pct = |v: &serde_json::Value| {
         v.as_f64()
@@ -329,8 +333,8 @@ pub async fn status(
         println!(
             "{:<24} {:<12} {:<12} {:>9} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9}",
             text(&g["id"]),
-            text(&g["current"]),
-            text(&g["candidate"]),
+            digest(&g["current"]),
+            digest(&g["candidate"]),
             text(&g["calls"]),
             pct(&g["error_rate"]),
             ms(&g["p99_ms"]),

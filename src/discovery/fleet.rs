@@ -554,5 +554,5 @@ impl RolloutState {
 
 /// The first 12 characters of a digest, for messages.
 pub fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+    digest.get(..12).unwrap_or(digest)
 }

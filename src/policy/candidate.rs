@@ -21,17 +21,49 @@ pub fn is_server_failure(code: u32) -> bool {
     matches!(code, 2 | 4 | 13 | 14 | 15)
 }
 
-/// Latency buckets: bucket `b` holds latencies below 2^(b+1) µs (the last
-/// one everything longer, about 35 minutes and up).
-const BUCKETS: usize = 32;
+/// Latency buckets, log-linear: exact below 8 µs, then 8 per power of two
+/// (each 12.5 % wide), up to u32::MAX µs. A p99 compared against 1.5x
+/// another needs buckets finer than the 2x of plain powers of two.
+const SUB: u64 = 8;
+const BUCKETS: usize = 33 * SUB as usize;
+
+fn bucket(latency_us: u32) -> usize {
+    let v = u64::from(latency_us);
+    if v < SUB {
+        return v as usize;
+    }
+    let octave = 63 - u64::from(v.leading_zeros()); // 3 and up
+    let sub = (v >> (octave - 3)) & (SUB - 1);
+    ((octave - 2) * SUB + sub) as usize
+}
+
+/// The exclusive upper bound of bucket `b`, in µs.
+fn upper_us(b: usize) -> u64 {
+    let b = b as u64;
+    if b < SUB {
+        return b + 1;
+    }
+    let (octave, sub) = (b / SUB + 2, b % SUB);
+    (SUB + sub + 1) << (octave - 3)
+}
 
 /// The calls one version placed, cumulative (windows are differences of
 /// two snapshots).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ArmStats {
     calls: AtomicU64,
     failures: AtomicU64,
     latency: [AtomicU64; BUCKETS],
+}
+
+impl Default for ArmStats {
+    fn default() -> Self {
+        ArmStats {
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 /// A copy of an [`ArmStats`] at one moment.
@@ -58,8 +90,7 @@ impl ArmStats {
         if is_server_failure(status) {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let bucket = (31 - (latency_us | 1).leading_zeros()) as usize;
-        self.latency[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.latency[bucket(latency_us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> ArmSnapshot {
@@ -91,7 +122,7 @@ impl ArmSnapshot {
     }
 
     /// The latency below which a fraction `q` of calls ended, in ms: the
-    /// upper bound of the bucket it falls in (so within 2x).
+    /// upper bound of the bucket it falls in (so within 12.5 %).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total: u64 = self.latency.iter().sum();
         if total == 0 {
@@ -102,7 +133,7 @@ impl ArmSnapshot {
         for (b, n) in self.latency.iter().enumerate() {
             seen += n;
             if seen >= rank {
-                return Some((1u64 << (b + 1)) as f64 / 1000.0);
+                return Some(upper_us(b) as f64 / 1000.0);
             }
         }
         None
@@ -211,12 +242,40 @@ mod tests {
         assert_eq!(all.calls, 100);
         assert_eq!(all.failures, 1);
         assert_eq!(all.quantile_ms(0.5), Some(1.024));
-        assert_eq!(all.quantile_ms(0.99), Some(131.072));
+        assert_eq!(all.quantile_ms(0.99), Some(106.496));
         arm.record(0, 10);
         let window = arm.snapshot().since(&all);
         assert_eq!(window.calls, 1);
         assert_eq!(window.failures, 0);
-        assert_eq!(window.quantile_ms(0.99), Some(0.016));
+        assert_eq!(window.quantile_ms(0.99), Some(0.011));
+        assert_eq!(ArmSnapshot::default().quantile_ms(0.5), None);
+    }
+
+    #[test]
+    fn every_latency_falls_in_a_bucket_at_most_an_eighth_wide() {
+        for us in [
+            0u32,
+            1,
+            7,
+            8,
+            9,
+            15,
+            16,
+            17,
+            1000,
+            65_535,
+            100_000,
+            u32::MAX,
+        ] {
+            let b = bucket(us);
+            assert!(b < BUCKETS, "{us} µs: bucket {b}");
+            let (low, high) = (if b == 0 { 0 } else { upper_us(b - 1) }, upper_us(b));
+            assert!(
+                low <= u64::from(us) && u64::from(us) < high,
+                "{us} µs not in [{low}, {high})"
+            );
+            assert!(high - low <= (low / 8).max(1), "[{low}, {high}) too wide");
+        }
         assert_eq!(ArmSnapshot::default().quantile_ms(0.5), None);
     }
 }

@@ -55,6 +55,10 @@ impl Default for Guards {
     }
 }
 
+/// Calls each version must place in the window before their p99s are
+/// compared (the error rate needs only `min_calls`).
+pub const P99_MIN_CALLS: u64 = 500;
+
 /// How often the guards look at the figures.
 const GUARD_EVERY: Duration = Duration::from_secs(1);
 
@@ -89,9 +93,14 @@ pub fn spawn(
     })
 }
 
-/// Compiled versions by digest: a promotion swaps in the very version the
-/// candidate was (no compile, its learned state kept).
-type Prepared = HashMap<String, Arc<PolicyVersion>>;
+/// Versions by policy name and digest: compiled ones (a promotion swaps in
+/// the very version the candidate was, no compile), and refused ones with
+/// why (not fetched and compiled again while a state names them).
+#[derive(Default)]
+struct Prepared {
+    ready: HashMap<(String, String), Arc<PolicyVersion>>,
+    refused: HashMap<(String, String), String>,
+}
 
 async fn follow_states(
     set: Arc<PolicySet>,
@@ -100,7 +109,7 @@ async fn follow_states(
     mut states: watch::Receiver<Published>,
     cancel: CancellationToken,
 ) {
-    let mut prepared: Prepared = HashMap::new();
+    let mut prepared = Prepared::default();
     // The last state applied per name (so a re-list changes nothing).
     let mut applied: HashMap<String, RolloutState> = HashMap::new();
     loop {
@@ -134,16 +143,22 @@ async fn follow_states(
             .filter(|(n, _)| !latest.values().any(|u| &u.name == *n))
         {
             if let Some(current) = set.policy(name).and_then(|p| p.current()) {
-                set.apply_rollout(name, current, None);
+                apply_off_runtime(&set, name, current, None).await;
             }
         }
         applied.retain(|n, _| latest.values().any(|u| &u.name == n));
-        // Keep compiled only what some state still names.
-        prepared.retain(|digest, _| {
-            applied.values().any(|s| {
-                s.current.as_deref() == Some(digest) || s.candidate.as_deref() == Some(digest)
+        // Keep only what some state still names.
+        let named = |(name, digest): &(String, String)| {
+            latest.values().any(|u| {
+                &u.name == name
+                    && fleet::parse_rollout(&u.key, &u.bytes).is_ok_and(|s| {
+                        s.current.as_deref() == Some(digest.as_str())
+                            || s.candidate.as_deref() == Some(digest.as_str())
+                    })
             })
-        });
+        };
+        prepared.ready.retain(|key, _| named(key));
+        prepared.refused.retain(|key, _| named(key));
         let retry = async {
             if all_applied {
                 std::future::pending::<()>().await
@@ -179,22 +194,52 @@ async fn apply(
     let Some(current_digest) = &state.current else {
         return Ok(()); // nothing named to run yet
     };
-    let current = prepare(set, client, prefix, name, current_digest, prepared).await?;
-    let candidate = match (&state.candidate, state.mode) {
-        (Some(digest), Mode::Shadow | Mode::Canary) => {
-            let version = prepare(set, client, prefix, name, digest, prepared).await?;
-            let trial = Trial {
-                mode: state.mode,
-                percent: state.percent,
-                auto_promote_after_secs: state.auto_promote_after_secs,
-                since_secs: state.candidate_since,
-            };
-            Some((version, trial))
+    let current = match prepare(set, client, prefix, name, current_digest, prepared).await {
+        Ok(current) => current,
+        Err(err) => {
+            // What serves keeps serving; a candidate of an older state is
+            // no longer this state's to try.
+            if let Some(serving) = set.policy(name).and_then(|p| p.current()) {
+                apply_off_runtime(set, name, serving, None).await;
+            }
+            return Err(err);
         }
-        _ => None,
     };
-    set.apply_rollout(name, current, candidate);
-    Ok(())
+    let (candidate, outcome) = match (&state.candidate, state.mode) {
+        (Some(digest), Mode::Shadow | Mode::Canary) => {
+            match prepare(set, client, prefix, name, digest, prepared).await {
+                Ok(version) => {
+                    let trial = Trial {
+                        mode: state.mode,
+                        percent: state.percent,
+                        auto_promote_after_secs: state.auto_promote_after_secs,
+                        since_secs: state.candidate_since,
+                    };
+                    (Some((version, trial)), Ok(()))
+                }
+                // The current serves alone until the candidate installs.
+                Err(err) => (None, Err(err)),
+            }
+        }
+        _ => (None, Ok(())),
+    };
+    apply_off_runtime(set, name, current, candidate).await;
+    outcome
+}
+
+/// [`PolicySet::apply_rollout`] on a blocking thread (a state hand-over
+/// makes guest calls and may wait for an instance).
+async fn apply_off_runtime(
+    set: &Arc<PolicySet>,
+    name: &str,
+    current: Arc<PolicyVersion>,
+    candidate: Option<(Arc<PolicyVersion>, Trial)>,
+) {
+    let (set, name) = (set.clone(), name.to_owned());
+    let applied = tokio::task::spawn_blocking(move || set.apply_rollout(&name, current, candidate));
+    if let Err(err) = applied.await {
+        tracing::error!(cause = %err, "applying a rollout state failed");
+    }
 }
 
 /// The compiled version `digest` of `name`: from `prepared`, or fetched
@@ -207,19 +252,31 @@ async fn prepare(
     digest: &str,
     prepared: &mut Prepared,
 ) -> Result<Arc<PolicyVersion>, ApplyError> {
-    if let Some(version) = prepared.get(digest) {
+    let key = (name.to_owned(), digest.to_owned());
+    if let Some(version) = prepared.ready.get(&key) {
         return Ok(version.clone());
     }
+    if let Some(cause) = prepared.refused.get(&key) {
+        return Err(ApplyError::Refused {
+            digest: digest.to_owned(),
+            cause: cause.clone(),
+        });
+    }
+    let refuse = |prepared: &mut Prepared, cause: String| {
+        prepared.refused.insert(key.clone(), cause.clone());
+        ApplyError::Refused {
+            digest: digest.to_owned(),
+            cause,
+        }
+    };
     let manifest: Manifest = fleet::resolve(client, prefix, name, digest).await?;
     let limit = set.engine().limits.max_component_bytes as u64;
     if manifest.size > limit {
-        return Err(ApplyError::Refused {
-            digest: digest.to_owned(),
-            cause: format!(
-                "{} bytes, over the {limit}-byte limit ([policy] max_size_mib)",
-                manifest.size
-            ),
-        });
+        let cause = format!(
+            "{} bytes, over the {limit}-byte limit ([policy] max_size_mib)",
+            manifest.size
+        );
+        return Err(refuse(prepared, cause));
     }
     let bytes = fleet::fetch(client, prefix, &manifest).await?;
     let source = fleet::manifest_key(prefix, name, digest);
@@ -233,17 +290,23 @@ async fn prepare(
             source,
         )
     })
-    .await
-    .map_err(|e| ApplyError::Refused {
-        digest: digest.to_owned(),
-        cause: e.to_string(),
-    })?
-    .map_err(|e| ApplyError::Refused {
-        digest: digest.to_owned(),
-        cause: e.to_string(),
-    })?;
-    prepared.insert(digest.to_owned(), checked.clone());
-    Ok(checked)
+    .await;
+    match checked {
+        Ok(Ok(version)) => {
+            prepared.ready.insert(key, version.clone());
+            Ok(version)
+        }
+        // Refused for a reason the same bytes would meet again: remembered.
+        Ok(Err(err)) if err.is_final() => Err(refuse(prepared, err.to_string())),
+        Ok(Err(err)) => Err(ApplyError::Refused {
+            digest: digest.to_owned(),
+            cause: err.to_string(),
+        }),
+        Err(err) => Err(ApplyError::Refused {
+            digest: digest.to_owned(),
+            cause: err.to_string(),
+        }),
+    }
 }
 
 /// One candidate's figures over time, to compare over the guard window.
@@ -310,7 +373,7 @@ async fn guard_candidates(
                 let by = gateway.clone();
                 let changed = fleet::change_rollout(&mut client, &prefix, &name, |state| {
                     let state = state.cloned().unwrap_or_default();
-                    if state.candidate.as_deref() != Some(digest.as_str()) {
+                    if !same_trial(&state, &candidate) {
                         return Err("already changed".into());
                     }
                     state.rollback(&by, &format!("guard on {by}: {why}"))
@@ -328,7 +391,7 @@ async fn guard_candidates(
                     let by = gateway.clone();
                     let changed = fleet::change_rollout(&mut client, &prefix, &name, |state| {
                         let state = state.cloned().unwrap_or_default();
-                        if state.candidate.as_deref() != Some(digest.as_str()) {
+                        if !same_trial(&state, &candidate) {
                             return Err("already changed".into());
                         }
                         state.promote(
@@ -378,10 +441,15 @@ pub fn judge(
             guards.max_error_rate_increase * 100.0
         ));
     }
+    // A p99 of a few dozen calls is its slowest call: compared only once
+    // both versions placed enough calls for a p99 to mean something.
+    let p99_calls = guards.min_calls.max(P99_MIN_CALLS);
     if let (Some(cand_p99), Some(cur_p99)) =
         (candidate.quantile_ms(0.99), current.quantile_ms(0.99))
     {
-        if current.calls >= guards.min_calls && cand_p99 > cur_p99 * (1.0 + guards.max_p99_increase)
+        if candidate.calls >= p99_calls
+            && current.calls >= p99_calls
+            && cand_p99 > cur_p99 * (1.0 + guards.max_p99_increase)
         {
             return Some(format!(
                 "p99 {cand_p99:.1} ms against the current's {cur_p99:.1} ms (guard: +{:.0}%)",
@@ -396,7 +464,16 @@ pub fn judge(
 fn auto_promote_due(candidate: &Candidate) -> Option<u64> {
     let after = candidate.auto_promote_after_secs?;
     let since = candidate.since_secs;
-    (fleet::now_secs() >= since + after).then_some(after)
+    (fleet::now_secs() >= since.saturating_add(after)).then_some(after)
+}
+
+/// The state in etcd still tries the very trial this gateway judged (same
+/// version, mode and start): a guard never ends a newer trial of the same
+/// version on figures of an older one.
+fn same_trial(state: &RolloutState, candidate: &Candidate) -> bool {
+    state.candidate.as_deref() == Some(candidate.version.digest.as_str())
+        && state.mode == candidate.mode
+        && state.candidate_since == candidate.since_secs
 }
 
 /// This gateway's view of every rollout, for `<prefix>/_gateways/<id>`.
@@ -428,4 +505,75 @@ pub fn report(set: &PolicySet) -> serde_json::Value {
         policies.insert(name, entry);
     }
     serde_json::Value::Object(policies)
+}
+
+/// `weir_policy_rollout_*`: each rollout's figures on this gateway, read at
+/// scrape time from the candidates (nothing counted twice on the hot path).
+/// They count from the moment the candidate was set, and start over with
+/// the next candidate.
+pub struct RolloutMetrics(pub Arc<PolicySet>);
+
+impl std::fmt::Debug for RolloutMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RolloutMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for RolloutMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{encode_counters, encode_gauges, PolicyLabel, RolloutLabels};
+        let mut calls = Vec::new();
+        let mut failures = Vec::new();
+        let mut divergent = Vec::new();
+        let mut faults = Vec::new();
+        let mut share = Vec::new();
+        for name in self.0.names() {
+            let Some(candidate) = self.0.policy(&name).and_then(|p| p.candidate()) else {
+                continue;
+            };
+            let s = &candidate.stats;
+            for (version, arm) in [("current", &s.current), ("candidate", &s.candidate)] {
+                let snap = arm.snapshot();
+                let labels = RolloutLabels {
+                    policy: name.clone(),
+                    version,
+                };
+                calls.push((labels.clone(), snap.calls));
+                failures.push((labels, snap.failures));
+            }
+            let policy = PolicyLabel {
+                policy: name.clone(),
+            };
+            divergent.push((policy.clone(), s.divergent.load(Ordering::Relaxed)));
+            faults.push((policy.clone(), s.candidate_faults.load(Ordering::Relaxed)));
+            let placed = match candidate.mode {
+                Mode::Canary => candidate.percent,
+                _ => 0.0,
+            };
+            share.push((policy, placed));
+        }
+        encode_counters(&mut encoder, "rollout_calls", "calls placed during a rollout, by policy and by the version that placed them (current, candidate)", calls)?;
+        encode_counters(&mut encoder, "rollout_failures", "those calls that failed on the server's side (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS)", failures)?;
+        encode_counters(
+            &mut encoder,
+            "rollout_divergent_picks",
+            "shadow mode: calls where the candidate picked another endpoint than the current",
+            divergent,
+        )?;
+        encode_counters(
+            &mut encoder,
+            "rollout_candidate_faults",
+            "picks of the candidate that faulted (the current placed the call)",
+            faults,
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "rollout_canary_percent",
+            "the candidate's share of calls in canary mode (0 in shadow)",
+            share,
+        )
+    }
 }

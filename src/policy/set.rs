@@ -189,7 +189,9 @@ impl PolicySet {
     /// Serves `current` for `name` and tries `candidate` beside it (its
     /// mode and canary share), or none. A candidate kept as it was keeps its
     /// figures; a promoted candidate is the very version that was tried
-    /// (compiled once, its learned state kept).
+    /// (compiled once), given the learned state of the version it replaces
+    /// (which placed most calls). Blocking (guest calls): call it off the
+    /// runtime's threads.
     pub fn apply_rollout(
         &self,
         name: &str,
@@ -576,6 +578,9 @@ impl WasmBalancer {
     /// A candidate's pick faulted: counted; one that keeps faulting is no
     /// longer tried here, and the rollout guard rolls it back everywhere.
     fn candidate_faulted(&self, candidate: &Candidate, fault: &super::version::Fault) {
+        if matches!(fault, super::version::Fault::Busy) {
+            return; // every instance picking at once: not the candidate's doing
+        }
         candidate
             .stats
             .candidate_faults
