@@ -459,13 +459,7 @@ async fn a_policy_rolls_out_across_the_fleet_and_a_bad_candidate_is_rolled_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_within_its_guards_is_promoted_after_its_time() {
     let etcd = Etcd::start();
-    let echo = EchoBackend::start("good").await.unwrap();
-    let mut reg = Registration::spawn(
-        client(&etcd).await,
-        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
-    )
-    .unwrap();
-    reg.registered().await;
+    let (_echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "good").await;
     let dir = tempfile::tempdir().unwrap();
     let least_conn = std::fs::read(crate::policy::policy_file("least-conn")).unwrap();
     let v1_file = dir.path().join("v1.wasm");

@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use weir::example::pb::echo_client::EchoClient;
 use weir::example::pb::EchoRequest;
-use weir::example::EchoBackend;
-use weir::register::{Registration, RegistrationSpec};
 use weir::testkit::Etcd;
 
-use crate::support::{client, PREFIX};
+use crate::support::PREFIX;
 
 #[test]
 fn an_invalid_config_is_rejected_with_the_keys_path() {
@@ -38,13 +36,7 @@ fn an_invalid_config_is_rejected_with_the_keys_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_calls_in_flight_then_exits() {
     let etcd = Etcd::start();
-    let echo = EchoBackend::start("only").await.unwrap();
-    let mut reg = Registration::spawn(
-        client(&etcd).await,
-        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
-    )
-    .unwrap();
-    reg.registered().await;
+    let (echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "only").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weir.toml");
     std::fs::write(
@@ -143,13 +135,7 @@ fn wakeups(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_gateway_with_wasm_policies_sleeps() {
     let etcd = Etcd::start();
-    let echo = EchoBackend::start("idle").await.unwrap();
-    let mut reg = Registration::spawn(
-        client(&etcd).await,
-        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
-    )
-    .unwrap();
-    reg.registered().await;
+    let (_echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "idle").await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         crate::policy::policy_file("least-conn"),
@@ -220,13 +206,7 @@ fn ticks_by_thread(pid: u32) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_are_spread_over_the_data_threads() {
     let etcd = Etcd::start();
-    let echo = EchoBackend::start("spread").await.unwrap();
-    let mut reg = Registration::spawn(
-        client(&etcd).await,
-        RegistrationSpec::new(PREFIX, "echo", &echo.addr.to_string()),
-    )
-    .unwrap();
-    reg.registered().await;
+    let (_echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "spread").await;
     let child = crate::support::process::WeirServe::start(&format!(
         "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 3\n[etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n",
         etcd.endpoint(0),

@@ -95,6 +95,20 @@ pub async fn client(etcd: &Etcd) -> etcd_client::Client {
         .expect("etcd client")
 }
 
+/// An echo backend named `name`, registered (and waited for) as service
+/// `echo` under `prefix`; keep both for as long as the backend should stay.
+pub async fn registered_echo(
+    etcd: &Etcd,
+    prefix: &str,
+    name: &str,
+) -> (weir::example::EchoBackend, weir::register::Registration) {
+    let echo = weir::example::EchoBackend::start(name).await.unwrap();
+    let spec = weir::register::RegistrationSpec::new(prefix, "echo", &echo.addr.to_string());
+    let mut reg = weir::register::Registration::spawn(client(etcd).await, spec).unwrap();
+    reg.registered().await;
+    (echo, reg)
+}
+
 /// Polls an async condition every 20 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
