@@ -133,9 +133,12 @@ enum PolicyCommand {
         #[arg(long = "meta", value_parser = parse_endpoint_meta)]
         meta: Vec<(usize, String, String)>,
         /// Linear memory one instance may use, as the gateway's
-        /// `[policy] memory_mib` (a Python policy needs about 16).
+        /// `[policy] memory_mib` (a Python policy needs 32).
         #[arg(long, default_value_t = 8)]
         memory_mib: usize,
+        /// How long one pick may run, as the gateway's `[policy] deadline`.
+        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
     },
     /// Make a signing key: writes the secret key to --out (mode 0600) and
     /// prints the public key for `[policy] trusted_keys` as the last line.
@@ -318,9 +321,15 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             picks,
             meta,
             memory_mib,
+            deadline,
         } => {
+            let limits = weir::policy::Limits {
+                memory_bytes: memory_mib.clamp(1, 4096) << 20,
+                deadline,
+                ..Default::default()
+            };
             tokio::task::spawn_blocking(move || {
-                weir::commands::policy::check(&file, backends, picks, &meta, memory_mib)
+                weir::commands::policy::check(&file, backends, picks, &meta, limits)
             })
             .await?
         }

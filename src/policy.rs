@@ -15,7 +15,7 @@ pub(crate) mod reload;
 pub mod rollout;
 mod set;
 mod version;
-mod wasi_random;
+mod wasi;
 
 use std::sync::Arc;
 
@@ -41,6 +41,8 @@ pub enum PolicyError {
     Trial(String),
     #[error("policy names are letters, digits, `-` and `_`: {0:?}")]
     Name(String),
+    #[error("the component's memory starts at {needs_mib} MiB, over the limit (`[policy] memory_mib`, `--memory-mib`): set it to {needs_mib} or more, with room to grow (32 for a Python policy)")]
+    TooMuchMemory { needs_mib: u64 },
     #[error("the component is {size} bytes, over the {limit}-byte limit ([policy] max_size_mib)")]
     TooLarge { size: usize, limit: usize },
     #[error("refused: {0}")]

@@ -17,7 +17,7 @@ pub fn check(
     backends: usize,
     picks: usize,
     meta: &[(usize, String, String)],
-    memory_mib: usize,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     if let Some((n, ..)) = meta.iter().find(|(n, ..)| *n >= backends.max(1)) {
         anyhow::bail!(
@@ -27,10 +27,6 @@ pub fn check(
         );
     }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let limits = Limits {
-        memory_bytes: memory_mib.clamp(1, 4096) << 20,
-        ..Limits::default()
-    };
     let engine = PolicyEngine::new(limits, Some("zone-0".into()))?;
     // The name only labels logs here; any file name will do.
     let name = file

@@ -149,10 +149,8 @@ impl PolicyEngine {
             }
         };
         let ty = component.component_type();
-        // Only weir's own interfaces and WASI may be imported. WASI imports (a
-        // Rust guest's std brings some) are linked to stubs that trap: a
-        // policy gets no filesystem, network, clock or environment, and a
-        // call to one fails the pick, which then falls back.
+        // Only weir's own interfaces and WASI may be imported; WASI is a
+        // sandbox with no capabilities (`wasi.rs`).
         if let Some((name, _)) = ty
             .imports(&self.engine)
             .find(|(name, _)| !name.starts_with("weir:policy/") && !name.starts_with("wasi:"))
@@ -163,10 +161,8 @@ impl PolicyEngine {
         }
         let mut linker = self.linker.clone();
         for (name, item) in ty.imports(&self.engine) {
-            let defined = super::wasi_random::define(&mut linker, name)
-                .map_err(|e| PolicyError::World(format!("{e:#}")))?;
-            if !defined && name.starts_with("wasi:") {
-                stub_as_traps(&mut linker, &self.engine, name, item.ty)
+            if name.starts_with("wasi:") {
+                super::wasi::define(&mut linker, &self.engine, name, item.ty)
                     .map_err(|e| PolicyError::World(format!("{e:#}")))?;
             }
         }
@@ -202,43 +198,6 @@ impl PolicyEngine {
     }
 }
 
-/// Defines WASI import `name` (an interface) with functions that trap when
-/// called and opaque resources. Only WASI: weir's own interfaces are in the
-/// linker under 0.1.1 and an import of 0.1.0 resolves to them by semver —
-/// wasmtime's `define_unknown_imports_as_traps` would define the 0.1.0 names
-/// as traps instead (exact names win).
-fn stub_as_traps(
-    linker: &mut Linker<HostState>,
-    engine: &Engine,
-    name: &str,
-    item: wasmtime::component::types::ComponentItem,
-) -> wasmtime::Result<()> {
-    use wasmtime::component::types::ComponentItem;
-    let ComponentItem::ComponentInstance(instance) = item else {
-        return Ok(()); // a WASI import is an interface; anything else fails to link
-    };
-    let mut stubs = linker.instance(name)?;
-    for (export, ty) in instance.exports(engine) {
-        match ty.ty {
-            ComponentItem::ComponentFunc(_) => {
-                let called = format!("{name}#{export}");
-                stubs.func_new(export, move |_, _, _, _| {
-                    wasmtime::bail!("unknown import: `{called}` has not been defined")
-                })?;
-            }
-            ComponentItem::Resource(_) => {
-                stubs.resource(
-                    export,
-                    wasmtime::component::ResourceType::host::<()>(),
-                    |_, _| Ok(()),
-                )?;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// The one thread components compile on, one at a time, at a low CPU
 /// priority: a component that takes seconds to compile takes them mostly
 /// from idle time, not from calls. (With wasmtime's parallel compilation, a compile
@@ -263,7 +222,7 @@ impl CompileThread {
                 lower_priority();
                 for (bytes, reply) in incoming {
                     let compiled = Component::new(&engine, &bytes)
-                        .map_err(|e| PolicyError::Invalid(one_line(&format!("{e:#}"))));
+                        .map_err(|e| compile_error(&format!("{e:#}")));
                     let _ = reply.send(compiled); // the caller may have gone
                 }
             })?;
@@ -277,6 +236,24 @@ impl CompileThread {
             .send((bytes.to_vec(), reply))
             .map_err(|_| gone())?;
         result.recv().map_err(|_| gone())?
+    }
+}
+
+/// What a failed compile says. A component whose memory starts larger
+/// than `[policy] memory_mib` (a Python policy starts near 13 MiB) is named
+/// as such, with the setting that would admit it: wasmtime reports it only
+/// as text ("memory has a minimum byte size of N which exceeds the limit").
+fn compile_error(message: &str) -> PolicyError {
+    let needs = message
+        .split("minimum byte size of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    match needs {
+        Some(bytes) => PolicyError::TooMuchMemory {
+            needs_mib: bytes.div_ceil(1 << 20),
+        },
+        None => PolicyError::Invalid(one_line(message)),
     }
 }
 

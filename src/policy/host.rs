@@ -43,6 +43,8 @@ pub struct HostState {
     pub call: CallView,
     pub policy: Arc<str>,
     pub zone: Option<Arc<str>>,
+    /// What the policy's WASI imports keep (output lines, timers).
+    pub wasi: super::wasi::WasiState,
 }
 
 impl HostState {
@@ -203,11 +205,7 @@ impl self::weir::policy::env::Host for HostState {
     }
 
     fn now_ms(&mut self) -> u64 {
-        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        ORIGIN
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
+        super::wasi::monotonic_ns() / 1_000_000
     }
 
     fn log(&mut self, level: u8, message: String) {

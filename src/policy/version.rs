@@ -373,6 +373,7 @@ impl PolicyVersion {
             call: CallView::default(),
             policy: self.name.clone(),
             zone: engine.zone.clone(),
+            wasi: Default::default(),
         };
         let mut store = Store::new(engine.engine(), state);
         store.limiter(|s| &mut s.limits);

@@ -527,3 +527,85 @@ async fn a_candidate_within_its_guards_is_promoted_after_its_time() {
     caller.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no call failed");
 }
+
+/// A Python policy (componentize-py, about 18 MB: over etcd's value limit)
+/// is published through etcd in chunks and serves calls; its WASI imports
+/// have no capabilities: the policy's attempts to read a file, to connect
+/// to a listening socket and to read the environment each get an error it
+/// can catch (no trap, no fallback), and its `print` reaches the gateway's
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_policy_is_published_through_etcd_and_gets_no_capabilities() {
+    let etcd = Etcd::start();
+    let (_echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "good").await;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a secret the policy must not read").unwrap();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.set_nonblocking(true).unwrap();
+    let gateway = WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\n\
+         [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+         [policy]\ndeadline = \"50ms\"\nmemory_mib = 32\n\
+         [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\npolicy = \"pick\"\n\
+         [route.options]\nprobe-file = {:?}\nprobe-addr = \"{}\"\n",
+        etcd.endpoint(0),
+        secret.path().display().to_string(),
+        probe.local_addr().unwrap(),
+    ));
+    let file = crate::policy::policy_file("python/sandbox-py");
+    assert!(std::fs::metadata(&file).unwrap().len() > 4 << 20);
+    let version = publish(&etcd, "pick", &file);
+    weir_ok(&etcd, &["policy", "rollout", "pick", &version]);
+    // Compiling a Python interpreter takes a core tens of seconds.
+    let gateways = [gateway];
+    all_serve(&gateways, &version, Duration::from_secs(240)).await;
+
+    let mut c = EchoClient::connect(format!("http://{}", gateways[0].grpc_addr))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let reply = c.unary(EchoRequest::default()).await;
+        assert!(reply.is_ok(), "call {i}: {reply:?}");
+    }
+    let (_, metrics) = admin_get(gateways[0].admin_addr, "/metrics").await;
+    let picks = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_policy_picks_total{policy=\"pick\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(picks.is_some_and(|n| n >= 20), "{metrics}");
+    let faults: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("weir_policy_faults_total{policy=\"pick\"") && !l.ends_with(" 0"))
+        .collect();
+    assert!(faults.is_empty(), "the policy's picks held: {faults:?}");
+    assert!(
+        matches!(probe.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "no connection reached the probe socket"
+    );
+    eventually(
+        "the policy's log lines",
+        Duration::from_secs(10),
+        || async {
+            gateways[0].logged("sandbox held").is_some()
+                && gateways[0]
+                    .logged("sandbox-py: printed to stdout")
+                    .is_some()
+        },
+    )
+    .await;
+    let held = gateways[0].logged("sandbox held").unwrap();
+    eprintln!("{held}");
+    let probed = secret.path().display().to_string();
+    assert!(
+        held.contains(&probed),
+        "the call's pick tried {probed}: {held}"
+    );
+    for (what, error) in [
+        ("open", "FileNotFoundError"),
+        ("connect", "PermissionError"),
+        ("environ", "LookupError: the environment is empty"),
+    ] {
+        assert!(held.contains(&format!("{what}: {error}")), "{what}: {held}");
+    }
+    assert!(!held.contains("a secret"), "{held}");
+}

@@ -5,17 +5,22 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// Log lines kept per process (the newest; older ones are let go).
+const KEPT_LINES: usize = 10_000;
 
 pub struct WeirServe {
     child: Child,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    log: Arc<Mutex<std::collections::VecDeque<String>>>,
     _dir: tempfile::TempDir,
 }
 
 impl WeirServe {
     /// Writes `config` to a file, runs `weir serve` on it, and returns once
-    /// it logs its listeners' addresses (its log is drained meanwhile).
+    /// it logs its listeners' addresses (its log is kept meanwhile).
     pub fn start(config: &str) -> WeirServe {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("weir.toml");
@@ -44,13 +49,31 @@ impl WeirServe {
                 break (g, a);
             }
         };
-        std::thread::spawn(move || lines.for_each(drop)); // keep the pipe drained
+        let log = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let kept = log.clone();
+        // Keeps the pipe drained, and the newest lines for `logged`.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() == KEPT_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
         WeirServe {
             child,
             grpc_addr,
             admin_addr,
+            log,
             _dir: dir,
         }
+    }
+
+    /// The newest kept log line that contains `text`.
+    pub fn logged(&self, text: &str) -> Option<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().rev().find(|line| line.contains(text)).cloned()
     }
 
     pub fn pid(&self) -> u32 {
