@@ -15,14 +15,19 @@ use weir::members::Members;
 use weir::metrics::PolicyMetrics;
 use weir::policy::{synthetic_members, Limits, PolicyEngine, PolicySet};
 
-const POLICIES: [&str; 6] = [
+const POLICIES: [&str; 7] = [
     "round-robin",
     "random",
     "least-conn",
     "least-conn-c",
+    "least-conn-py",
     "weighted",
     "consistent-hash",
 ];
+
+/// Policies compiled only when benchmarking: a Python one takes a core
+/// about 25 s to compile, too long for `cargo test`'s one run of each.
+const BENCH_ONLY: [&str; 1] = ["least-conn-py"];
 const SIZES: [usize; 3] = [3, 100, 1000];
 
 fn random_below(n: usize) -> usize {
@@ -158,8 +163,8 @@ fn native(policy: &str) -> Box<dyn Balancer> {
     match policy {
         "round-robin" => Box::new(RoundRobin::default()),
         "random" => Box::new(Random),
-        // The C policy implements the same algorithm as the Rust one.
-        "least-conn" | "least-conn-c" => Box::new(LeastConn),
+        // The C and Python policies implement the same algorithm as the Rust one.
+        "least-conn" | "least-conn-c" | "least-conn-py" => Box::new(LeastConn),
         "weighted" => Box::new(Weighted::default()),
         "consistent-hash" => Box::new(ConsistentHash::default()),
         other => panic!("no native twin for {other}"),
@@ -167,9 +172,13 @@ fn native(policy: &str) -> Box<dyn Balancer> {
 }
 
 fn policy_file(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("build/policies")
-        .join(format!("{name}.wasm"));
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("build/policies");
+    let dir = if name.ends_with("-py") {
+        dir.join("python")
+    } else {
+        dir
+    };
+    let p = dir.join(format!("{name}.wasm"));
     assert!(
         p.exists(),
         "{} is missing: run `make policies` (make bench-pick does)",
@@ -198,10 +207,18 @@ fn run(
     b.pick(&ctx).unwrap_or(0)
 }
 
-fn bench(c: &mut Criterion) {
-    let engine = Arc::new(PolicyEngine::new(Limits::default(), None).expect("engine"));
+fn bench(c: &mut Criterion, benchmarking: bool) {
+    // A Python policy's interpreter needs more than the default 8 MiB.
+    let limits = Limits {
+        memory_bytes: 32 << 20,
+        ..Limits::default()
+    };
+    let engine = Arc::new(PolicyEngine::new(limits, None).expect("engine"));
     let set = PolicySet::new(engine, None, PolicyMetrics::default());
     for policy in POLICIES {
+        if !benchmarking && BENCH_ONLY.contains(&policy) {
+            continue;
+        }
         set.install_file(policy, &policy_file(policy))
             .expect("install");
         let wasm = set.balancer(policy);
@@ -241,9 +258,10 @@ fn median_ns(policy: &str, kind: &str, n: usize) -> Option<f64> {
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    bench(&mut c);
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    bench(&mut c, benchmarking);
     c.final_summary();
-    if !std::env::args().any(|a| a == "--bench") {
+    if !benchmarking {
         return; // `cargo test`: each benchmark ran once; there are no figures
     }
     println!("\nmedian ns per pick (wasm / native / ratio):");
@@ -258,24 +276,30 @@ fn main() {
             match (median_ns(policy, "wasm", n), median_ns(policy, "native", n)) {
                 (Some(w), Some(nat)) => {
                     row.push_str(&format!(" {:>10.0} / {:>6.0} / {:>4.1}x", w, nat, w / nat));
-                    worst.insert(format!("{policy} at {n}"), w / nat);
+                    // An interpreter is compared with the Rust component below.
+                    if !BENCH_ONLY.contains(&policy) {
+                        worst.insert(format!("{policy} at {n}"), w / nat);
+                    }
                 }
                 _ => row.push_str(&format!(" {:>26}", "-")),
             }
         }
         println!("{row}");
     }
-    // The same algorithm written in C and in Rust, both as components.
-    let mut row = format!("{:<16}", "C / Rust");
-    for n in SIZES {
-        if let (Some(c), Some(rust)) = (
-            median_ns("least-conn-c", "wasm", n),
-            median_ns("least-conn", "wasm", n),
-        ) {
-            row.push_str(&format!(" {:>25.2}x", c / rust));
+    // The same algorithm written in C, Python and Rust, all as components.
+    for (language, policy) in [("C", "least-conn-c"), ("Python", "least-conn-py")] {
+        let mut row = format!("least-conn in {language} / Rust");
+        row = format!("{row:<29}");
+        for n in SIZES {
+            if let (Some(other), Some(rust)) = (
+                median_ns(policy, "wasm", n),
+                median_ns("least-conn", "wasm", n),
+            ) {
+                row.push_str(&format!(" {:>25.2}x", other / rust));
+            }
         }
+        println!("{row}");
     }
-    println!("least-conn in {row}");
     let (which, ratio) = worst
         .iter()
         .max_by(|a, b| a.1.total_cmp(b.1))

@@ -83,6 +83,10 @@ async fn the_policy_guide_followed_step_by_step_gives_a_policy_the_gateway_hot_l
         stdout.contains("a valid weir:policy balancer") && stdout.contains("track=canary"),
         "weir policy check ran:\n{log}"
     );
+    assert!(
+        stdout.contains("canary-py.wasm: a valid weir:policy balancer"),
+        "the Python policy was built and checked:\n{log}"
+    );
 
     let admin = env.gateway().admin_addr;
     eventually(
