@@ -802,6 +802,88 @@ fn the_adaptive_policy_keeps_its_scores_across_a_swap() {
     assert_eq!(after, before, "the new version holds the old one's scores");
 }
 
+/// The same through a rollout, as the gateway applies one from etcd: v2 is
+/// tried as a 50 % canary (learning from its own calls meanwhile), then
+/// promoted; the promoted version holds what the current one had learned
+/// at that moment.
+#[test]
+fn the_adaptive_policy_keeps_its_scores_across_a_promotion() {
+    use weir::discovery::fleet::Mode;
+    use weir::policy::candidate::Trial;
+    let set = set();
+    let engine = set.engine();
+    let bytes = std::fs::read(policy_file("adaptive")).unwrap();
+    let v1 = set
+        .prepare_published("adaptive", &bytes, None, "v1".into())
+        .unwrap();
+    set.apply_rollout("adaptive", v1.clone(), None);
+    let balancer = set.balancer("adaptive");
+    let members = synthetic_members(4);
+    // Every call its outcome, heard by the version that placed it: calls
+    // the current placed fail on endpoint 2, calls the candidate placed on
+    // endpoint 3, so the two versions learn different scores.
+    let calls = |n: usize| {
+        for _ in 0..n {
+            let candidates: Vec<usize> = (0..members.len()).collect();
+            let ctx = PickContext {
+                service: "svc",
+                method: "M",
+                headers: &Arc::new(HeaderMap::new()),
+                members: &members,
+                candidates: &candidates,
+                options: None,
+                hidden_headers: weir::balance::HiddenHeaders::sensitive(),
+            };
+            let (picked, placed_by) = balancer.pick_placed(&ctx).unwrap();
+            let set_index = picked as u32;
+            let failing = if placed_by == 0 { 2 } else { 3 };
+            balancer.observe(&weir::balance::Outcome {
+                generation: members.generation(),
+                set_index,
+                status: if set_index == failing { 14 } else { 0 },
+                latency_us: 1_000,
+                placed_by,
+            });
+        }
+    };
+    calls(400);
+    let v2 = set
+        .prepare_published(
+            "adaptive",
+            &crate::fleet::padded(&bytes, 8),
+            None,
+            "v2".into(),
+        )
+        .unwrap();
+    let trial = Trial {
+        mode: Mode::Canary,
+        percent: 50.0,
+        auto_promote_after_secs: None,
+        since_secs: 1,
+    };
+    set.apply_rollout("adaptive", v1.clone(), Some((v2.clone(), trial)));
+    calls(400);
+    let before = v1.export_states(engine);
+    assert!(
+        before.iter().flatten().any(|s| s.len() > 12),
+        "the current version learned scores: {before:?}"
+    );
+    assert_ne!(
+        v2.export_states(engine),
+        before,
+        "the candidate learned other scores during the canary"
+    );
+    // The promotion: v2 becomes current, no candidate.
+    set.apply_rollout("adaptive", v2.clone(), None);
+    let serving = set.policy("adaptive").unwrap().current().unwrap();
+    assert!(Arc::ptr_eq(&serving, &v2));
+    assert_eq!(
+        v2.export_states(engine),
+        before,
+        "the promoted version holds the scores the current one had"
+    );
+}
+
 /// A component built against `weir:policy@0.1.0` (before 0.1.1 added the
 /// stateful world) still installs and picks: the host links its 0.1.0
 /// imports to its 0.1.1 interfaces.
