@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
 
-use super::host::{Balancer, BalancerPre, HostState};
+use super::host::{BalancerPre, HostState};
 use super::PolicyError;
 
 /// The sandbox every policy runs in.
@@ -85,7 +85,7 @@ impl PolicyEngine {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+        super::host::add_to_linker(&mut linker)
             .map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let ticker = Ticker::start(engine.clone())
             .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;

@@ -222,3 +222,117 @@ impl self::weir::policy::env::Host for HostState {
         self.zone.as_deref().map(str::to_owned)
     }
 }
+
+/// Links the host side of every `weir:policy` version weir serves: 0.2 (the
+/// current `wit/`) and 0.1.0 (frozen), so a component built against either
+/// links.
+pub fn add_to_linker(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    use wasmtime::component::HasSelf;
+    Balancer::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    v0_1::Balancer::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+}
+
+/// `weir:policy@0.1.0`: the same interfaces as 0.2 under the old package
+/// version. Each call is answered by the 0.2 host; only the generated
+/// record and enum types differ.
+mod v0_1 {
+    use super::weir::policy as now;
+    use super::HostState;
+
+    wasmtime::component::bindgen!({
+        path: "src/policy/wit-0.1.0",
+        world: "balancer",
+    });
+
+    use self::weir::policy::backends::{HealthState, Load};
+
+    impl self::weir::policy::backends::Host for HostState {
+        fn count(&mut self) -> u32 {
+            now::backends::Host::count(self)
+        }
+        fn address(&mut self, index: u32) -> String {
+            now::backends::Host::address(self, index)
+        }
+        fn weight(&mut self, index: u32) -> u32 {
+            now::backends::Host::weight(self, index)
+        }
+        fn weights(&mut self) -> Vec<u32> {
+            now::backends::Host::weights(self)
+        }
+        fn metadata(&mut self, index: u32, key: String) -> Option<String> {
+            now::backends::Host::metadata(self, index, key)
+        }
+        fn health(&mut self, index: u32) -> HealthState {
+            match now::backends::Host::health(self, index) {
+                now::backends::HealthState::Serving => HealthState::Serving,
+                now::backends::HealthState::NotServing => HealthState::NotServing,
+                now::backends::HealthState::Unknown => HealthState::Unknown,
+            }
+        }
+        fn lease_ttl_ms(&mut self, index: u32) -> Option<i64> {
+            now::backends::Host::lease_ttl_ms(self, index)
+        }
+        fn active_requests(&mut self, index: u32) -> u32 {
+            now::backends::Host::active_requests(self, index)
+        }
+        fn latency_ewma_us(&mut self, index: u32) -> u32 {
+            now::backends::Host::latency_ewma_us(self, index)
+        }
+        fn load_of(&mut self, index: u32) -> Load {
+            let load = now::backends::Host::load_of(self, index);
+            Load {
+                active_requests: load.active_requests,
+                latency_ewma_us: load.latency_ewma_us,
+                weight: load.weight,
+            }
+        }
+        fn generation(&mut self) -> u64 {
+            now::backends::Host::generation(self)
+        }
+        fn total(&mut self) -> u32 {
+            now::backends::Host::total(self)
+        }
+        fn total_address(&mut self, index: u32) -> String {
+            now::backends::Host::total_address(self, index)
+        }
+        fn candidate_of(&mut self, total_index: u32) -> Option<u32> {
+            now::backends::Host::candidate_of(self, total_index)
+        }
+        fn set_index(&mut self, index: u32) -> u32 {
+            now::backends::Host::set_index(self, index)
+        }
+        fn set_indices(&mut self) -> Vec<u32> {
+            now::backends::Host::set_indices(self)
+        }
+    }
+
+    impl self::weir::policy::call::Host for HostState {
+        fn service(&mut self) -> String {
+            now::call::Host::service(self)
+        }
+        fn method(&mut self) -> String {
+            now::call::Host::method(self)
+        }
+        fn header(&mut self, name: String) -> Option<String> {
+            now::call::Host::header(self, name)
+        }
+        fn route_option(&mut self, key: String) -> Option<String> {
+            now::call::Host::route_option(self, key)
+        }
+    }
+
+    impl self::weir::policy::env::Host for HostState {
+        fn random(&mut self) -> u64 {
+            now::env::Host::random(self)
+        }
+        fn now_ms(&mut self) -> u64 {
+            now::env::Host::now_ms(self)
+        }
+        fn log(&mut self, level: u8, message: String) {
+            now::env::Host::log(self, level, message)
+        }
+        fn zone(&mut self) -> Option<String> {
+            now::env::Host::zone(self)
+        }
+    }
+}

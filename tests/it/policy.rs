@@ -884,9 +884,9 @@ fn the_adaptive_policy_keeps_its_scores_across_a_promotion() {
     );
 }
 
-/// A component built against `weir:policy@0.1.0` (before 0.1.1 added the
-/// stateful world) still installs and picks: the host links its 0.1.0
-/// imports to its 0.1.1 interfaces.
+/// A component built against `weir:policy@0.1.0` (before 0.2.0 added the
+/// stateful world) still installs and picks: the host links 0.1.0 beside
+/// 0.2.0.
 #[test]
 fn a_component_built_for_wit_0_1_0_keeps_working() {
     let path =
