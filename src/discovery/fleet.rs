@@ -313,19 +313,38 @@ pub async fn delete(
     name: &str,
     digest: &str,
 ) -> Result<(), FleetError> {
-    if let Some(current) = read_rollout(client, prefix, name).await? {
-        let s = &current.state;
-        if s.current.as_deref() == Some(digest) || s.candidate.as_deref() == Some(digest) {
-            return Err(FleetError::Refused(format!(
-                "version {digest} of {name:?} is in its rollout (current or candidate): roll it back or promote another first"
-            )));
+    // The manifest goes only if the rollout state is still the one read
+    // (one transaction): a rollout that picks this version meanwhile wins,
+    // and the delete looks again.
+    let mut deleted = false;
+    for _ in 0..CAS_ATTEMPTS {
+        let read = read_rollout(client, prefix, name).await?;
+        if let Some(current) = &read {
+            let s = &current.state;
+            if s.current.as_deref() == Some(digest) || s.candidate.as_deref() == Some(digest) {
+                return Err(FleetError::Refused(format!(
+                    "version {digest} of {name:?} is in its rollout (current or candidate): roll it back or promote another first"
+                )));
+            }
+        }
+        let key = rollout_key(prefix, name);
+        let unchanged = match &read {
+            Some(v) => Compare::mod_revision(key.as_str(), CompareOp::Equal, v.mod_revision),
+            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new()
+            .when([unchanged])
+            .and_then([TxnOp::delete(manifest_key(prefix, name, digest), None)]);
+        if bounded(REQUEST_TIMEOUT, client.txn(txn)).await?.succeeded() {
+            deleted = true;
+            break;
         }
     }
-    bounded(
-        REQUEST_TIMEOUT,
-        client.delete(manifest_key(prefix, name, digest), None),
-    )
-    .await?;
+    if !deleted {
+        return Err(FleetError::Refused(format!(
+            "the rollout of {name:?} kept changing under this delete ({CAS_ATTEMPTS} tries); try again"
+        )));
+    }
     let all = bounded(
         REQUEST_TIMEOUT,
         client.get(
@@ -377,8 +396,9 @@ pub fn parse_rollout(key: &str, value: &[u8]) -> Result<RolloutState, FleetError
 }
 
 /// Writes `state` if the key is still at `expected` (its mod revision as
-/// read; `None`: the key must not exist). False when someone changed it
-/// first: read it again and decide again.
+/// read; `None`: the key must not exist) and every version it names is
+/// still published. False when someone changed the state first: read it
+/// again and decide again; `NotFound` when a version it names was deleted.
 pub async fn swap_rollout(
     client: &mut Client,
     prefix: &str,
@@ -391,12 +411,43 @@ pub async fn swap_rollout(
         Some(rev) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
         None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
     };
+    // Every version the state names must still be published (a delete
+    // checks the state in its own transaction): in the same transaction.
+    let named: Vec<String> = [&state.current, &state.candidate]
+        .into_iter()
+        .flatten()
+        .map(|digest| manifest_key(prefix, name, digest))
+        .collect();
+    let mut compares = vec![compare];
+    compares.extend(
+        named
+            .iter()
+            .map(|m| Compare::create_revision(m.as_str(), CompareOp::Greater, 0)),
+    );
     let text = serde_json::to_vec(state).expect("a rollout state serializes");
     let txn = Txn::new()
-        .when([compare])
-        .and_then([TxnOp::put(key.as_str(), text, None)]);
+        .when(compares)
+        .and_then([TxnOp::put(key.as_str(), text, None)])
+        .or_else(
+            named
+                .iter()
+                .map(|m| TxnOp::get(m.as_str(), Some(GetOptions::new().with_keys_only())))
+                .collect::<Vec<_>>(),
+        );
     let resp = bounded(REQUEST_TIMEOUT, client.txn(txn)).await?;
-    Ok(resp.succeeded())
+    if resp.succeeded() {
+        return Ok(true);
+    }
+    for (manifest, op) in named.iter().zip(resp.op_responses()) {
+        if let etcd_client::TxnOpResponse::Get(get) = op {
+            if get.kvs().is_empty() {
+                return Err(FleetError::NotFound(format!(
+                    "{manifest} is gone: the version was deleted; publish it again"
+                )));
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Reads the state of `name`, asks `change` for the next one and swaps it
