@@ -32,6 +32,9 @@ pub struct AdminState {
     /// SHA-256 of the bearer token every request must carry
     /// (`admin_token_file`); none required when unset.
     pub token: Option<[u8; 32]>,
+    /// Cancelled when a drain starts (SIGTERM): `/readyz` answers 503 from
+    /// then on, before any GOAWAY is sent.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Reads `admin_token_file`: the token is its content, trimmed.
@@ -147,6 +150,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.draining.is_cancelled() => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining: shutting down, send no new clients\n".into(),
+        ),
         "/readyz" if state.table.is_ready() => {
             let heard = match state.table.since_heard() {
                 Some(age) => format!("etcd last heard from {:.1}s ago", age.as_secs_f64()),

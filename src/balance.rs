@@ -84,6 +84,11 @@ pub trait Balancer: Send + Sync + 'static {
     fn learns(&self) -> bool {
         false
     }
+    /// The version that placed a call (`placed_by` as `pick_placed` said),
+    /// as the access log names it; `None` for the built-in balancers.
+    fn placed_version(&self, _placed_by: u8) -> Option<String> {
+        None
+    }
     /// How a call this policy placed ended. Called as the call ends, on the
     /// thread that ends it: keep it short.
     fn observe(&self, _outcome: &Outcome) {}

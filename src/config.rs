@@ -45,9 +45,17 @@ pub struct Config {
     /// How long calls in flight may finish after SIGTERM.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long `/readyz` answers 503 while the gateway still
+    /// serves as before, so an orchestrator stops sending it clients before
+    /// GOAWAY tells the connected ones to leave (0: GOAWAY at once).
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// TLS (ALPN h2) on the gRPC listener; cleartext h2 without it.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// One JSON line per call; off unless the section is present.
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
     #[serde(default)]
     pub etcd: EtcdSection,
     #[serde(default)]
@@ -169,6 +177,18 @@ pub struct RolloutSection {
     /// How often this gateway writes its report.
     #[serde(default = "defaults::report_every", with = "humantime_serde")]
     pub report_every: Duration,
+}
+
+/// `[access_log]`: present, every call is logged as one JSON line.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file lines are appended to (reopened on SIGHUP); stdout if unset.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Entries waiting for the writer; beyond, new ones are dropped (counted).
+    #[serde(default = "defaults::access_log_buffer")]
+    pub buffer: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -380,6 +400,9 @@ mod defaults {
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn access_log_buffer() -> usize {
+        65_536
     }
     pub fn etcd_endpoints() -> Vec<String> {
         vec!["http://127.0.0.1:2379".into()]
@@ -683,6 +706,14 @@ impl Config {
             if value.is_zero() || value > MAX_DURATION {
                 return Err((key.into(), "must be above zero and at most 24h".to_owned()));
             }
+        }
+        if let Some(log) = &self.access_log {
+            if !(1..=1 << 24).contains(&log.buffer) {
+                return fail("access_log.buffer".into(), "must be between 1 and 16777216");
+            }
+        }
+        if self.drain_delay > MAX_DURATION {
+            return fail("drain_delay".into(), "must be at most 24h");
         }
         if !(1..=MAX_POLICY_MEMORY_MIB).contains(&self.policy.memory_mib) {
             return Err((

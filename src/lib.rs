@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub mod balance;
 pub mod commands;

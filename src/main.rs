@@ -64,6 +64,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print the endpoint sets under a prefix; with --watch, follow them.
     Discover {
         #[command(flatten)]
@@ -115,6 +120,13 @@ impl EtcdFlags {
             password_file: self.password_file,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check FILE as `weir serve` reads it (syntax, keys, values, routes),
+    /// without starting anything; exits non-zero naming the key at fault.
+    Check { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -274,6 +286,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => weir::commands::serve::run(&config).await,
         Command::Policy { command } => policy_command(command).await,
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config = weir::config::Config::load(&file)?;
+            println!(
+                "{}: valid ({} route(s), etcd prefix {})",
+                file.display(),
+                config.routes.len(),
+                config.etcd.prefix
+            );
+            Ok(())
+        }
         Command::Register {
             etcd,
             prefix,

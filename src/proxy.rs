@@ -14,6 +14,7 @@ pub mod services;
 pub mod status;
 pub mod timeout;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +99,8 @@ pub struct ProxyState {
     /// Calls that matched no service, by code, and their durations.
     unrouted: CodeCounts,
     unrouted_latency: Histogram,
+    /// Where each call's line goes, when `[access_log]` is set.
+    access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl ProxyState {
@@ -107,6 +110,7 @@ impl ProxyState {
         outlier: OutlierSettings,
         limits: CallLimits,
         name_backends: bool,
+        access_log: Option<crate::access_log::AccessLog>,
     ) -> Self {
         let unrouted_latency = metrics
             .call_duration
@@ -122,6 +126,7 @@ impl ProxyState {
             name_backends,
             unrouted: CodeCounts::default(),
             unrouted_latency,
+            access_log,
         }
     }
 
@@ -162,6 +167,8 @@ pub struct Proxy {
 /// Where a call goes, once routed.
 struct Target<'a> {
     service: Arc<ServiceRuntime>,
+    /// The route's `match`; `None` for unrouted calls.
+    route: Option<&'a str>,
     /// The route's policy; `None` for unrouted calls (the service's round-robin).
     balancer: Option<&'a Arc<dyn Balancer>>,
     retries: u32,
@@ -228,10 +235,17 @@ impl Proxy {
         &self.state
     }
 
-    /// Handles one call; every outcome is a gRPC response, and every call
-    /// is counted once, when it ends.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    /// Handles one call from `client`; every outcome is a gRPC response,
+    /// and every call is counted (and logged) once, when it ends.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
         let mut call = CallRecord::start(self.state.clone(), Instant::now());
+        if self.state.access_log.is_some() {
+            call.log_as(client, req.uri().path());
+        }
         match self.forward(req, &mut call).await {
             Ok(answered) => respond(answered, call, self.state.name_backends),
             Err(err) => {
@@ -254,6 +268,7 @@ impl Proxy {
             split_path(path).ok_or_else(|| ProxyError::BadPath(path.to_owned()))?;
         let target = self.target(path, grpc_service)?;
         call.routed(&target.service);
+        call.log_route(target.route, target.balancer);
         let name = &target.service.name;
         // The client's deadline, clipped; else the route's longest call.
         let deadline = parts
@@ -280,6 +295,7 @@ impl Proxy {
         }
         target.service.retry_budget.deposit();
         let body = ReplayBody::new(body);
+        call.log_request(&body);
         let parts_of_call = CallParts {
             parts: &parts,
             headers: &headers,
@@ -290,6 +306,7 @@ impl Proxy {
         loop {
             let (chosen, placed_by) = self.pick(&target, &members, &tried, &headers, method)?;
             tried.push(chosen);
+            call.log_placed(target.balancer, placed_by);
             let member = &members.list[chosen];
             call.attempting(member);
             // A policy that learns from outcomes hears how this attempt ends.
@@ -461,6 +478,7 @@ impl Proxy {
         if let Some(route) = self.router.route(path) {
             return Ok(Target {
                 service: route.service.clone(),
+                route: Some(&route.matched),
                 balancer: Some(&route.balancer),
                 retries: route.retries,
                 idempotent: route.idempotent,
@@ -488,6 +506,7 @@ impl Proxy {
                 })?;
         Ok(Target {
             service,
+            route: None,
             balancer: None,
             retries: DEFAULT_RETRIES,
             idempotent: false,

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::balance::{Balancer, RoundRobin};
 use crate::config::{Config, RouteConfig};
 use crate::discovery::{self, EtcdConfig, ServiceTable};
@@ -53,6 +54,11 @@ pub struct Gateway {
     pub table: Arc<ServiceTable>,
     pub proxy: Arc<Proxy>,
     pub policies: Arc<PolicySet>,
+    /// Where each call's line goes, when `[access_log]` is set.
+    access_log: Option<AccessLog>,
+    /// Marks the gateway draining (`/readyz` 503), `drain_delay` before `stop`.
+    draining: CancellationToken,
+    drain_delay: Duration,
     /// Stops accepting and drains connections.
     stop: CancellationToken,
     /// Stops the background tasks (discovery, health checks, admin).
@@ -102,6 +108,7 @@ impl Gateway {
         wait_until_ready(&parts.table).await;
 
         let stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let connections = TaskTracker::new();
         let limits = Arc::new(conn::ClientLimits::new(
             &config.limits,
@@ -135,6 +142,7 @@ impl Gateway {
             policies: parts.policies.clone(),
             config: Arc::new(config.clone()),
             token: admin_token,
+            draining: draining.clone(),
         };
         tasks.spawn(crate::admin::serve(
             admin.listener,
@@ -149,6 +157,9 @@ impl Gateway {
             table: parts.table,
             proxy: parts.proxy,
             policies: parts.policies,
+            access_log: parts.access_log,
+            draining,
+            drain_delay: config.drain_delay,
             stop,
             background,
             connections,
@@ -158,9 +169,20 @@ impl Gateway {
         })
     }
 
-    /// Stops accepting, sends GOAWAY, lets calls in flight finish up to the
-    /// drain timeout, then stops everything.
+    /// Opens the access log file again (SIGHUP, after a rotation).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
+    }
+
+    /// Says it is draining (`/readyz` 503) and serves on for `drain_delay`,
+    /// then stops accepting, sends GOAWAY, lets calls in flight finish up to
+    /// the drain timeout, and stops everything.
     pub async fn shutdown(self) {
+        self.draining.cancel();
+        tracing::info!(delay = ?self.drain_delay, "draining: /readyz answers 503; GOAWAY after the drain delay");
+        tokio::time::sleep(self.drain_delay).await;
         self.stop.cancel();
         self.connections.close();
         if tokio::time::timeout(self.drain_timeout, self.connections.wait())
@@ -180,6 +202,7 @@ struct DataPath {
     table: Arc<ServiceTable>,
     proxy: Arc<Proxy>,
     policies: Arc<PolicySet>,
+    access_log: Option<AccessLog>,
 }
 
 /// Discovery, backends, policies and the proxy, with their background
@@ -190,6 +213,18 @@ async fn start_data_path(
     tasks: &TaskTracker,
     background: &CancellationToken,
 ) -> Result<DataPath, StartError> {
+    let access_log = match &config.access_log {
+        Some(c) => Some(
+            AccessLog::start(c.path.clone(), c.buffer, registry).map_err(|e| {
+                let path = c
+                    .path
+                    .as_ref()
+                    .map_or("stdout".into(), |p| p.display().to_string());
+                StartError::Config(format!("[access_log] cannot open {path}: {e}"))
+            })?,
+        ),
+        None => None,
+    };
     let discovery_metrics = DiscoveryMetrics::register(registry);
     let proxy_metrics = ProxyMetrics::register(registry);
     let policy_metrics = PolicyMetrics::register(registry);
@@ -221,6 +256,7 @@ async fn start_data_path(
         OutlierSettings::from(&config.outlier),
         CallLimits::from(&config.limits),
         config.upstream.name_backends_in_errors,
+        access_log.clone(),
     ));
     let transport = crate::proxy::services::UpstreamTransport {
         tls_by_default: config.upstream.tls.as_ref().is_some_and(|t| t.default),
@@ -266,6 +302,7 @@ async fn start_data_path(
         table,
         proxy,
         policies,
+        access_log,
     })
 }
 

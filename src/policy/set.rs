@@ -472,6 +472,15 @@ impl Balancer for WasmBalancer {
         &self.policy.name
     }
 
+    fn placed_version(&self, placed_by: u8) -> Option<String> {
+        let short = |digest: &str| digest.chars().take(12).collect::<String>();
+        if placed_by == PLACED_BY_CANDIDATE {
+            let candidate = self.policy.candidate()?;
+            return Some(format!("{} (candidate)", short(&candidate.version.digest)));
+        }
+        self.policy.current().map(|v| short(&v.digest))
+    }
+
     fn pick(&self, ctx: &PickContext<'_>) -> Result<usize, PickError> {
         self.pick_placed(ctx).map(|(position, _)| position)
     }

@@ -152,6 +152,9 @@ impl Body for Observed {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.moved();
+                if let Some(data) = frame.data_ref() {
+                    this.call.log_response_bytes(data.len());
+                }
                 if let Some(t) = frame.trailers_ref() {
                     let code = status::code_of(t).unwrap_or(status::UNKNOWN);
                     this.attempt.set_status(code);

@@ -4,9 +4,13 @@
 //! [`AttemptRecord`]: one per attempt on one backend: its load, the
 //! attempts count, outlier detection and what a learning policy hears.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::time::Instant;
+
+use crate::access_log::Entry;
+use crate::upstream::ReplayBody;
 
 use super::services::ServiceRuntime;
 use super::status;
@@ -24,6 +28,21 @@ pub struct CallRecord {
     /// The member the last attempt went to.
     member: Option<Arc<Member>>,
     status: Option<u32>,
+    /// What only the access log needs; kept only while it is on.
+    log: Option<Box<CallLog>>,
+}
+
+/// The access log's view of a call, filled in as the call goes.
+struct CallLog {
+    time: std::time::SystemTime,
+    client: SocketAddr,
+    path: String,
+    route: Option<String>,
+    policy: Option<String>,
+    policy_version: Option<String>,
+    request: Option<ReplayBody>,
+    response_bytes: u64,
+    attempts: u32,
 }
 
 impl CallRecord {
@@ -35,6 +54,48 @@ impl CallRecord {
             service: None,
             member: None,
             status: None,
+            log: None,
+        }
+    }
+
+    /// Keeps what the access log says of this call (only when it is on).
+    pub fn log_as(&mut self, client: SocketAddr, path: &str) {
+        self.log = Some(Box::new(CallLog {
+            time: std::time::SystemTime::now(),
+            client,
+            path: path.to_owned(),
+            route: None,
+            policy: None,
+            policy_version: None,
+            request: None,
+            response_bytes: 0,
+            attempts: 0,
+        }));
+    }
+
+    pub fn log_route(&mut self, route: Option<&str>, policy: Option<&Arc<dyn Balancer>>) {
+        if let Some(log) = self.log.as_mut() {
+            log.route = route.map(str::to_owned);
+            log.policy = policy.map(|b| b.name().to_owned());
+        }
+    }
+
+    pub fn log_request(&mut self, body: &ReplayBody) {
+        if let Some(log) = self.log.as_mut() {
+            log.request = Some(body.clone_handle());
+        }
+    }
+
+    pub fn log_placed(&mut self, policy: Option<&Arc<dyn Balancer>>, placed_by: u8) {
+        if let Some(log) = self.log.as_mut() {
+            log.policy_version = policy.and_then(|b| b.placed_version(placed_by));
+        }
+    }
+
+    /// Bytes of response messages passed to the client.
+    pub fn log_response_bytes(&mut self, bytes: usize) {
+        if let Some(log) = self.log.as_mut() {
+            log.response_bytes += bytes as u64;
         }
     }
 
@@ -48,6 +109,9 @@ impl CallRecord {
 
     pub fn attempting(&mut self, member: &Arc<Member>) {
         self.member = Some(member.clone());
+        if let Some(log) = self.log.as_mut() {
+            log.attempts += 1;
+        }
     }
 
     /// The call's gRPC status (the first one set wins).
@@ -75,6 +139,23 @@ impl Drop for CallRecord {
                 self.state.unrouted.inc(code);
                 self.state.unrouted_latency.observe(latency);
             }
+        }
+        if let (Some(log), Some(access_log)) = (self.log.take(), &self.state.access_log) {
+            access_log.record(Entry {
+                time: log.time,
+                client: Some(log.client),
+                path: log.path,
+                route: log.route,
+                service: self.service.as_ref().map(|s| s.name.clone()),
+                backend: self.member.as_ref().map(|m| m.backend.addr.clone()),
+                policy: log.policy,
+                policy_version: log.policy_version,
+                status: code,
+                duration: self.started.elapsed(),
+                request_bytes: log.request.as_ref().map_or(0, ReplayBody::bytes_read),
+                response_bytes: log.response_bytes,
+                attempts: log.attempts,
+            });
         }
     }
 }

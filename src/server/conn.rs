@@ -233,7 +233,7 @@ async fn serve_connection<IO>(
             // Boxed: the call's future is large (routing, retries, the
             // policy pick, the upstream exchange) and hyper moves the stream's
             // future into its task; a box moves as a pointer.
-            let response = Box::pin(proxy.handle(req)).await;
+            let response = Box::pin(proxy.handle(req, peer)).await;
             stream.answered = true;
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 inner: body,

@@ -30,6 +30,8 @@ struct ReplayState {
     attempt: u32,
     /// When a frame last came from the client (for the stream idle timeout).
     last_read: tokio::time::Instant,
+    /// Data bytes taken from the client so far.
+    read_bytes: u64,
 }
 
 /// A client's request body, shared by the attempts of one call. Each attempt
@@ -53,6 +55,7 @@ impl ReplayBody {
             ended: false,
             attempt: 0,
             last_read: tokio::time::Instant::now(),
+            read_bytes: 0,
         })
     }
 
@@ -67,6 +70,7 @@ impl ReplayBody {
             ended: true,
             attempt: 0,
             last_read: tokio::time::Instant::now(),
+            read_bytes: 0,
         })
     }
 
@@ -92,6 +96,11 @@ impl ReplayBody {
     /// When a frame last came from the client.
     pub fn last_read(&self) -> tokio::time::Instant {
         self.state.lock().expect("replay state poisoned").last_read
+    }
+
+    /// Data bytes taken from the client so far (the access log's request size).
+    pub fn bytes_read(&self) -> u64 {
+        self.state.lock().expect("replay state poisoned").read_bytes
     }
 
     /// No attempt will follow (a backend answered): what was kept for one
@@ -160,6 +169,7 @@ impl Body for ReplayBody {
             Poll::Ready(Some(Ok(frame))) => {
                 state.last_read = tokio::time::Instant::now();
                 if let Some(data) = frame.data_ref() {
+                    state.read_bytes += data.len() as u64;
                     if !state.overflowed && state.kept_bytes + data.len() <= REPLAY_LIMIT {
                         state.kept_bytes += data.len();
                         state.kept.push(data.clone());

@@ -259,3 +259,321 @@ async fn client_connections_are_spread_over_the_data_threads() {
         "one upstream connection per thread: {pool}"
     );
 }
+
+/// SIGTERM with `drain_delay`: `/readyz` answers 503 at once while the
+/// connected clients are still served (no GOAWAY yet: a new call on an open
+/// connection succeeds); after the delay GOAWAY ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_from_sigterm_before_goaway_reaches_a_client() {
+    use bytes::Bytes;
+    use std::time::Instant;
+
+    let etcd = Etcd::start();
+    let (_echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "only").await;
+    let gateway = crate::support::process::WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\ndrain_delay = \"10s\"\n\
+         [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+         [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n",
+        etcd.endpoint(0)
+    ));
+    let readyz = || async {
+        crate::support::gateway::admin_get(gateway.admin_addr, "/readyz")
+            .await
+            .0
+    };
+    crate::support::eventually("ready", Duration::from_secs(30), || async {
+        readyz().await == 200
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gateway.grpc_addr)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(conn);
+    let call = |mut send: h2::client::SendRequest<Bytes>| async move {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("http://weir/weir.example.v1.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        send = send.ready().await?;
+        let (response, mut body) = send.send_request(request, false)?;
+        let message = crate::support::gateway::encode(&crate::support::gateway::req("x"));
+        body.send_data(crate::support::gateway::frame(&message), true)?;
+        let mut response = response.await?;
+        // The message first: h2 gives trailers only once the data is read.
+        while let Some(data) = response.body_mut().data().await {
+            let data = data?;
+            let _ = response
+                .body_mut()
+                .flow_control()
+                .release_capacity(data.len());
+        }
+        let trailers = response.body_mut().trailers().await?;
+        let status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| response.headers().get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok::<_, h2::Error>(status)
+    };
+    let within = |what: &'static str, f| async move {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} took over 30 s"))
+    };
+    assert_eq!(
+        within("the first call", call(send.clone()))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("0")
+    );
+
+    let term = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &gateway.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    crate::support::eventually(
+        "/readyz 503 after SIGTERM",
+        Duration::from_secs(5),
+        || async { readyz().await == 503 },
+    )
+    .await;
+    let unready_after = term.elapsed();
+    // Still served: GOAWAY has not been sent on this connection.
+    assert_eq!(
+        within("a call while draining", call(send.clone()))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("0"),
+        "a new call on the open connection after /readyz went 503"
+    );
+    assert!(!connection.is_finished(), "no GOAWAY yet");
+    // Then GOAWAY: the connection ends (it has no call in flight).
+    let ended = tokio::time::timeout(Duration::from_secs(60), connection).await;
+    assert!(ended.is_ok(), "GOAWAY after the drain delay");
+    let goaway_after = term.elapsed();
+    eprintln!("/readyz 503 after {unready_after:?}; connection ended after {goaway_after:?}");
+    assert!(
+        goaway_after >= Duration::from_secs(9),
+        "GOAWAY waited for the drain delay: {goaway_after:?}"
+    );
+}
+
+/// `[access_log] path`: every call of a mixed run is one JSON line with its
+/// status and backend; a rotation (rename, then SIGHUP) loses no line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_one_access_log_line_and_a_rotation_loses_none() {
+    use std::collections::BTreeMap;
+
+    let etcd = Etcd::start();
+    let (echo_a, _reg_a) = crate::support::registered_echo(&etcd, PREFIX, "a").await;
+    let (echo_b, _reg_b) = crate::support::registered_echo(&etcd, PREFIX, "b").await;
+    let addr_of: BTreeMap<String, String> = [
+        ("a".to_owned(), echo_a.addr.to_string()),
+        ("b".to_owned(), echo_b.addr.to_string()),
+    ]
+    .into();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let gateway = crate::support::process::WeirServe::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\n\
+         [access_log]\npath = {:?}\n\
+         [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+         [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n",
+        log.display().to_string(),
+        etcd.endpoint(0)
+    ));
+    let mut c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .unwrap();
+    crate::support::eventually("both backends serve", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..8 {
+                if let Ok(r) = c.unary(EchoRequest::default()).await {
+                    seen.insert(r.into_inner().instance);
+                }
+            }
+            seen.len() == 2
+        }
+    })
+    .await;
+    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    // The warm-up calls are logged too; count from here.
+    crate::support::eventually("the warm-up lines", Duration::from_secs(10), || async {
+        !lines(&log).is_empty()
+    })
+    .await;
+    let warm_up = {
+        // Settled: the count stops moving once the writer has flushed.
+        let mut last = usize::MAX;
+        loop {
+            let n = lines(&log).len();
+            if n == last {
+                break n;
+            }
+            last = n;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+
+    let mut expected_ok: BTreeMap<String, usize> = BTreeMap::new();
+    let ok_calls = |c: &mut EchoClient<tonic::transport::Channel>, n: usize| {
+        let mut c = c.clone();
+        async move {
+            let mut by = Vec::new();
+            for _ in 0..n {
+                by.push(
+                    c.unary(EchoRequest::default())
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .instance,
+                );
+            }
+            by
+        }
+    };
+    for who in ok_calls(&mut c, 20).await {
+        *expected_ok.entry(addr_of[&who].clone()).or_default() += 1;
+    }
+    for _ in 0..5 {
+        let failed = c
+            .unary(EchoRequest {
+                fail_code: 5,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(failed.unwrap_err().code(), tonic::Code::NotFound);
+    }
+    for _ in 0..3 {
+        let reply = crate::support::gateway::raw_call(
+            gateway.grpc_addr,
+            "POST",
+            "/nope.Missing/Call",
+            &[("content-type", "application/grpc")],
+            &[&[][..]],
+        )
+        .await;
+        assert_eq!(reply.grpc_status(), Some(12));
+    }
+    crate::support::eventually("28 more lines", Duration::from_secs(10), || async {
+        lines(&log).len() >= warm_up + 28
+    })
+    .await;
+
+    // Rotation: rename, more calls (still to the renamed file), SIGHUP,
+    // then calls into the new file.
+    std::fs::rename(&log, &rotated).unwrap();
+    for who in ok_calls(&mut c, 10).await {
+        *expected_ok.entry(addr_of[&who].clone()).or_default() += 1;
+    }
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    crate::support::eventually("the log reopened", Duration::from_secs(10), || async {
+        log.exists()
+    })
+    .await;
+    for who in ok_calls(&mut c, 10).await {
+        *expected_ok.entry(addr_of[&who].clone()).or_default() += 1;
+    }
+    crate::support::eventually("every line", Duration::from_secs(10), || async {
+        lines(&rotated).len() + lines(&log).len() >= warm_up + 48
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // nothing more comes
+    let after_reopen = lines(&log);
+    assert_eq!(
+        after_reopen.len(),
+        10,
+        "the calls after SIGHUP: {after_reopen:?}"
+    );
+    let all: Vec<serde_json::Value> = lines(&rotated)
+        .into_iter()
+        .skip(warm_up)
+        .chain(after_reopen)
+        .collect();
+    assert_eq!(all.len(), 48, "each call once: {all:#?}");
+
+    let mut ok_by_backend: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_status: BTreeMap<u64, usize> = BTreeMap::new();
+    for line in &all {
+        let status = line["grpc_status"].as_u64().unwrap();
+        *by_status.entry(status).or_default() += 1;
+        assert!(
+            line["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{line}"
+        );
+        assert!(line["duration_ms"].as_f64().unwrap() >= 0.0, "{line}");
+        match status {
+            0 | 5 => {
+                assert_eq!(line["path"], "/weir.example.v1.Echo/Unary", "{line}");
+                assert_eq!(line["route"], "/weir.example.v1.Echo/", "{line}");
+                assert_eq!(line["service"], "echo", "{line}");
+                assert_eq!(line["attempts"], 1, "{line}");
+                let backend = line["backend"].as_str().unwrap();
+                assert!(addr_of.values().any(|a| a == backend), "{line}");
+                if status == 0 {
+                    *ok_by_backend.entry(backend.to_owned()).or_default() += 1;
+                    assert!(line["request_bytes"].as_u64().unwrap() > 0, "{line}");
+                    assert!(line["response_bytes"].as_u64().unwrap() > 0, "{line}");
+                }
+            }
+            12 => {
+                assert_eq!(line["path"], "/nope.Missing/Call", "{line}");
+                assert!(line["backend"].is_null(), "{line}");
+            }
+            other => panic!("unexpected status {other}: {line}"),
+        }
+    }
+    assert_eq!(by_status, BTreeMap::from([(0, 40), (5, 5), (12, 3)]));
+    assert_eq!(
+        ok_by_backend, expected_ok,
+        "each OK call logged with the backend that answered"
+    );
+}
+
+/// `weir config check FILE`: a valid file is said valid; an invalid one
+/// fails naming the key, and nothing is started either way.
+#[test]
+fn weir_config_check_names_the_key_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("timeout")
+            .args(["20", env!("CARGO_BIN_EXE_weir"), "config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = check("[[route]]\nmatch = \"/a.B/\"\nservice = \"b\"\n");
+    assert!(ok && text.contains("valid (1 route(s)"), "{text}");
+    let (ok, text) = check("[access_log]\nbuffer = 0\n");
+    assert!(!ok && text.contains("access_log.buffer"), "{text}");
+}

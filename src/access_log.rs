@@ -1,0 +1,231 @@
+//! The access log: one JSON line per call, written by a thread of its own.
+//!
+//! A call hands its [`Entry`] over a bounded channel and goes on; formatting
+//! and writing happen on the writer thread. When the writer falls behind
+//! (a slow disk) and the channel is full, entries are dropped and counted
+//! (`weir_access_log_dropped_total`), never waited for. `reopen` (SIGHUP)
+//! makes the writer flush and open the path again, for log rotation by
+//! rename: nothing written before it is lost.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+/// What one call leaves in the access log.
+pub struct Entry {
+    /// When the call arrived.
+    pub time: SystemTime,
+    pub client: Option<SocketAddr>,
+    pub path: String,
+    /// The route's `match`, if a route matched.
+    pub route: Option<String>,
+    pub service: Option<Arc<str>>,
+    /// The backend of the last attempt.
+    pub backend: Option<Arc<str>>,
+    pub policy: Option<String>,
+    /// The policy version that placed the call (its digest's first 12
+    /// characters), and whether it was the rollout's candidate.
+    pub policy_version: Option<String>,
+    pub status: u32,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub attempts: u32,
+}
+
+impl Entry {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "time": humantime::format_rfc3339_millis(self.time).to_string(),
+            "client": self.client.map(|a| a.to_string()),
+            "path": self.path,
+            "route": self.route,
+            "service": self.service.as_deref(),
+            "backend": self.backend.as_deref(),
+            "policy": self.policy,
+            "policy_version": self.policy_version,
+            "grpc_status": self.status,
+            "duration_ms": (self.duration.as_secs_f64() * 1e6).round() / 1e3,
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "attempts": self.attempts,
+        })
+    }
+}
+
+/// An entry to write, or `None`: look at the reopen flag now.
+type Message = Option<Entry>;
+
+/// The handle calls log through; cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    sender: SyncSender<Message>,
+    reopen: Arc<AtomicBool>,
+    metrics: AccessLogMetrics,
+}
+
+#[derive(Clone, Default)]
+struct AccessLogMetrics {
+    lines: Counter,
+    dropped: Counter,
+    write_errors: Counter,
+}
+
+/// Where the lines go.
+enum Sink {
+    Stdout(std::io::BufWriter<std::io::Stdout>),
+    File(PathBuf, std::io::BufWriter<std::fs::File>),
+}
+
+impl Sink {
+    fn open(path: Option<&PathBuf>) -> std::io::Result<Sink> {
+        Ok(match path {
+            None => Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                Sink::File(path.clone(), std::io::BufWriter::new(file))
+            }
+        })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(w) => w,
+            Sink::File(_, w) => w,
+        }
+    }
+}
+
+impl AccessLog {
+    /// Opens the log at `path` (stdout if none; an unwritable path is an
+    /// error now, not later) and starts its writer thread, which ends when
+    /// the last handle is dropped. `buffer`: entries that may wait for it.
+    pub fn start(
+        path: Option<PathBuf>,
+        buffer: usize,
+        registry: &mut Registry,
+    ) -> std::io::Result<AccessLog> {
+        let sink = Sink::open(path.as_ref())?;
+        let metrics = AccessLogMetrics::default();
+        let r = registry.sub_registry_with_prefix("weir_access_log");
+        r.register("lines", "access log lines written", metrics.lines.clone());
+        r.register(
+            "dropped",
+            "access log entries dropped because the writer fell behind",
+            metrics.dropped.clone(),
+        );
+        r.register(
+            "write_errors",
+            "failed writes or reopens of the access log",
+            metrics.write_errors.clone(),
+        );
+        let (sender, receiver) = std::sync::mpsc::sync_channel(buffer.max(1));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            sink,
+            receiver,
+            reopen: reopen.clone(),
+            metrics: metrics.clone(),
+        };
+        std::thread::Builder::new()
+            .name("weir-access-log".into())
+            .spawn(move || writer.run())?;
+        Ok(AccessLog {
+            sender,
+            reopen,
+            metrics,
+        })
+    }
+
+    /// Hands `entry` to the writer; drops it (counted) if the writer is behind.
+    pub fn record(&self, entry: Entry) {
+        match self.sender.try_send(Some(entry)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics.dropped.inc();
+            }
+        }
+    }
+
+    /// Asks the writer to flush and open its path again (after a rotation).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
+        // A full channel wakes the writer anyway; it checks the flag each line.
+        let _ = self.sender.try_send(None);
+    }
+}
+
+struct Writer {
+    sink: Sink,
+    receiver: Receiver<Message>,
+    reopen: Arc<AtomicBool>,
+    metrics: AccessLogMetrics,
+}
+
+impl Writer {
+    /// Writes what comes, flushing whenever nothing more is waiting: one
+    /// write per batch under load, each line out at once when calls are few.
+    fn run(mut self) {
+        while let Ok(first) = self.receiver.recv() {
+            let mut next = Some(first);
+            while let Some(message) = next {
+                if self.reopen.swap(false, Ordering::SeqCst) {
+                    self.flush();
+                    self.reopen_sink();
+                }
+                if let Some(entry) = message {
+                    self.write(&entry);
+                }
+                next = self.receiver.try_recv().ok();
+            }
+            self.flush();
+        }
+        self.flush();
+    }
+
+    fn write(&mut self, entry: &Entry) {
+        let mut line = entry.to_json().to_string();
+        line.push('\n');
+        match self.sink.writer().write_all(line.as_bytes()) {
+            Ok(()) => {
+                self.metrics.lines.inc();
+            }
+            Err(err) => self.failed("write", &err),
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(err) = self.sink.writer().flush() {
+            self.failed("flush", &err);
+        }
+    }
+
+    fn reopen_sink(&mut self) {
+        let Sink::File(path, _) = &self.sink else {
+            return; // stdout has nothing to reopen
+        };
+        let path = path.clone();
+        match Sink::open(Some(&path)) {
+            Ok(sink) => {
+                self.sink = sink;
+                tracing::info!(path = %path.display(), "access log reopened");
+            }
+            Err(err) => self.failed("reopen", &err),
+        }
+    }
+
+    fn failed(&self, what: &str, err: &std::io::Error) {
+        self.metrics.write_errors.inc();
+        tracing::warn!(what, cause = %err, "access log");
+    }
+}
