@@ -68,8 +68,14 @@ type Message = Option<Entry>;
 pub struct AccessLog {
     sender: SyncSender<Message>,
     reopen: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
+    /// Says the writer has written everything and stopped.
+    stopped: Arc<std::sync::Mutex<Option<Receiver<()>>>>,
     metrics: AccessLogMetrics,
 }
+
+/// How long `close` waits for the writer to catch up.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Default)]
 struct AccessLogMetrics {
@@ -131,18 +137,26 @@ impl AccessLog {
         );
         let (sender, receiver) = std::sync::mpsc::sync_channel(buffer.max(1));
         let reopen = Arc::new(AtomicBool::new(false));
+        let closing = Arc::new(AtomicBool::new(false));
+        let (stop_signal, stopped) = std::sync::mpsc::channel();
         let writer = Writer {
             sink,
             receiver,
             reopen: reopen.clone(),
+            closing: closing.clone(),
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
             .name("weir-access-log".into())
-            .spawn(move || writer.run())?;
+            .spawn(move || {
+                writer.run();
+                let _ = stop_signal.send(());
+            })?;
         Ok(AccessLog {
             sender,
             reopen,
+            closing,
+            stopped: Arc::new(std::sync::Mutex::new(Some(stopped))),
             metrics,
         })
     }
@@ -153,6 +167,20 @@ impl AccessLog {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.metrics.dropped.inc();
+            }
+        }
+    }
+
+    /// Writes out every entry handed over so far and stops the writer
+    /// (the end of a shutdown: the calls cut off by the drain timeout are
+    /// in the log too). Blocks up to [`CLOSE_WAIT`].
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = self.sender.send(None); // behind every entry already queued
+        let stopped = self.stopped.lock().expect("access log").take();
+        if let Some(stopped) = stopped {
+            if stopped.recv_timeout(CLOSE_WAIT).is_err() {
+                tracing::warn!("access log: the writer did not finish within {CLOSE_WAIT:?}");
             }
         }
     }
@@ -169,6 +197,7 @@ struct Writer {
     sink: Sink,
     receiver: Receiver<Message>,
     reopen: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
     metrics: AccessLogMetrics,
 }
 
@@ -183,8 +212,14 @@ impl Writer {
                     self.flush();
                     self.reopen_sink();
                 }
-                if let Some(entry) = message {
-                    self.write(&entry);
+                match message {
+                    Some(entry) => self.write(&entry),
+                    // `close`'s mark: everything before it is written.
+                    None if self.closing.load(Ordering::SeqCst) => {
+                        self.flush();
+                        return;
+                    }
+                    None => {}
                 }
                 next = self.receiver.try_recv().ok();
             }

@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
 use crate::discovery::ServiceTable;
 use crate::proxy::Proxy;
 
@@ -28,7 +27,6 @@ pub struct AdminState {
     pub table: Arc<ServiceTable>,
     pub proxy: Arc<Proxy>,
     pub policies: Arc<crate::policy::PolicySet>,
-    pub config: Arc<Config>,
     /// SHA-256 of the bearer token every request must carry
     /// (`admin_token_file`); none required when unset.
     pub token: Option<[u8; 32]>,
@@ -179,11 +177,12 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 fn routes(state: &AdminState) -> Value {
-    let routes: Vec<Value> = state
-        .config
-        .routes
-        .iter()
-        .map(|r| json!({ "match": r.path, "service": r.service, "policy": r.policy, "retries": r.retries, "idempotent": r.idempotent, "options": r.options }))
+    // The routes in force (a reload replaces them): exact matches, then
+    // prefixes, longest first.
+    let router = state.proxy.router();
+    let routes: Vec<Value> = router
+        .routes()
+        .map(|r| json!({ "match": r.matched, "service": &*r.service.name, "policy": r.balancer.name(), "retries": r.retries, "idempotent": r.idempotent, "options": &*r.options }))
         .collect();
     json!({ "routes": routes, "unrouted": "calls go to the etcd service named after their gRPC service" })
 }

@@ -69,6 +69,11 @@ pub type RouteOptions = std::collections::BTreeMap<String, String>;
 #[error("{0}")]
 pub struct PickError(pub String);
 
+/// `placed_by` of a call the policy gave no usable pick for: the built-in
+/// round-robin placed it (the policy hears its outcome as the current
+/// version's).
+pub const PLACED_BY_FALLBACK: u8 = u8::MAX;
+
 pub trait Balancer: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Returns a position in `ctx.candidates`.
@@ -84,8 +89,9 @@ pub trait Balancer: Send + Sync + 'static {
     fn learns(&self) -> bool {
         false
     }
-    /// The version that placed a call (`placed_by` as `pick_placed` said),
-    /// as the access log names it; `None` for the built-in balancers.
+    /// The version that placed a call (`placed_by` as `pick_placed` said,
+    /// or [`PLACED_BY_FALLBACK`]), as the access log names it; `None` for
+    /// the built-in balancers.
     fn placed_version(&self, _placed_by: u8) -> Option<String> {
         None
     }

@@ -24,7 +24,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The gRPC listener.
@@ -81,7 +81,7 @@ pub struct Config {
 /// What one client (or connection pattern) may make the gateway hold. Each
 /// limit has a default fit for an edge; README "Limits and hostile clients"
 /// says what a client sees when it hits one.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     /// From accept to the first request: TLS handshake, HTTP/2 preface,
@@ -112,7 +112,7 @@ pub struct LimitsSection {
     pub max_grpc_timeout: Duration,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySection {
     /// Where `<name>.wasm` policies are loaded from and watched; none by default.
@@ -147,7 +147,7 @@ pub struct PolicySection {
     pub rollout: RolloutSection,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSection {
     /// Follow `<prefix>/_rollout/` and report under `<prefix>/_gateways/`.
@@ -180,7 +180,7 @@ pub struct RolloutSection {
 }
 
 /// `[access_log]`: present, every call is logged as one JSON line.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// The file lines are appended to (reopened on SIGHUP); stdout if unset.
@@ -191,7 +191,7 @@ pub struct AccessLogConfig {
     pub buffer: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -217,7 +217,7 @@ pub enum ClientAuthMode {
 }
 
 /// `[upstream.tls]`: TLS (and mTLS) to backends.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// CA certificate(s) (PEM) backends' certificates must chain to.
@@ -236,7 +236,7 @@ pub struct UpstreamTlsConfig {
     pub default: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdSection {
     #[serde(default = "defaults::etcd_endpoints")]
@@ -268,7 +268,7 @@ pub struct EtcdSection {
     pub password_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     /// HTTP/2 connections calls are spread over before another is opened.
@@ -302,7 +302,7 @@ pub struct UpstreamSection {
     pub tls: Option<UpstreamTlsConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySection {
     /// Retries allowed as a share of calls (across the gateway), in percent.
@@ -313,7 +313,7 @@ pub struct RetrySection {
     pub min_per_second: u32,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSection {
     #[serde(default = "defaults::yes")]
@@ -333,7 +333,7 @@ pub struct HealthCheckSection {
     pub service: String,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierSection {
     /// Consecutive failed calls (unreachable, reset, UNAVAILABLE) that eject a backend.
@@ -349,7 +349,7 @@ pub struct OutlierSection {
     pub max_ejection_percent: u32,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// A gRPC path prefix (`/pkg.Service/`) or a full method path (`/pkg.Service/Method`).
@@ -617,6 +617,56 @@ impl Config {
     }
 
     /// Whether calls on `route` reach their backends over TLS.
+    /// What `weir serve` cannot change while it runs that differs in
+    /// `next`, by key: a reload that changes any of these is refused whole.
+    /// Routes (their services, policies, options, retries, timeouts and
+    /// headers) change live, unless a route would change whether a
+    /// service's backends are reached over TLS.
+    pub fn fixed_differences(&self, next: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut differ = |key: &'static str, same: bool| {
+            if !same {
+                changed.push(key);
+            }
+        };
+        differ("listen", self.listen == next.listen);
+        differ("admin", self.admin == next.admin);
+        differ(
+            "admin_token_file",
+            self.admin_token_file == next.admin_token_file,
+        );
+        differ("worker_threads", self.worker_threads == next.worker_threads);
+        differ("drain_timeout", self.drain_timeout == next.drain_timeout);
+        differ("drain_delay", self.drain_delay == next.drain_delay);
+        differ("tls", self.tls == next.tls);
+        differ("access_log", self.access_log == next.access_log);
+        differ("etcd", self.etcd == next.etcd);
+        differ("upstream", self.upstream == next.upstream);
+        differ("retry", self.retry == next.retry);
+        differ("health_check", self.health_check == next.health_check);
+        differ("outlier", self.outlier == next.outlier);
+        differ("zone", self.zone == next.zone);
+        differ("policy", self.policy == next.policy);
+        differ("limits", self.limits == next.limits);
+        // A service's transport is set when it is first used.
+        let running_tls = |service: &str| {
+            self.routes
+                .iter()
+                .find(|r| r.service == service)
+                .map_or_else(
+                    || self.upstream.tls.as_ref().is_some_and(|t| t.default),
+                    |r| self.upstream_tls_for(r),
+                )
+        };
+        differ(
+            "route.upstream_tls",
+            next.routes
+                .iter()
+                .all(|r| next.upstream_tls_for(r) == running_tls(&r.service)),
+        );
+        changed
+    }
+
     pub fn upstream_tls_for(&self, route: &RouteConfig) -> bool {
         let default = self.upstream.tls.as_ref().is_some_and(|t| t.default);
         route.upstream_tls.unwrap_or(default) && self.upstream.tls.is_some()

@@ -347,6 +347,9 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             memory_mib,
             deadline,
         } => {
+            if deadline.is_zero() || deadline > std::time::Duration::from_secs(10) {
+                anyhow::bail!("--deadline must be above zero and at most 10s: {deadline:?}");
+            }
             let limits = weir::policy::Limits {
                 memory_bytes: memory_mib.clamp(1, 4096) << 20,
                 deadline,

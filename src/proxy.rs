@@ -160,7 +160,9 @@ impl ProxyState {
 
 pub struct Proxy {
     state: Arc<ProxyState>,
-    router: Router,
+    /// Swapped whole when the configuration is reloaded; a call keeps the
+    /// one it was routed by.
+    router: arc_swap::ArcSwap<Router>,
     services: Arc<ServiceRuntimes>,
 }
 
@@ -218,13 +220,20 @@ impl Proxy {
     pub fn new(state: Arc<ProxyState>, router: Router, services: Arc<ServiceRuntimes>) -> Self {
         Proxy {
             state,
-            router,
+            router: arc_swap::ArcSwap::from_pointee(router),
             services,
         }
     }
 
-    pub fn router(&self) -> &Router {
-        &self.router
+    /// The routes calls are matched against now.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.load_full()
+    }
+
+    /// Routes new calls by `router` from now on (a configuration reload);
+    /// calls already routed keep the old one.
+    pub fn set_router(&self, router: Router) {
+        self.router.store(Arc::new(router));
     }
 
     pub fn services(&self) -> &Arc<ServiceRuntimes> {
@@ -266,7 +275,8 @@ impl Proxy {
         let path = parts.uri.path();
         let (grpc_service, method) =
             split_path(path).ok_or_else(|| ProxyError::BadPath(path.to_owned()))?;
-        let target = self.target(path, grpc_service)?;
+        let router = self.router.load_full();
+        let target = self.target(&router, path, grpc_service)?;
         call.routed(&target.service);
         call.log_route(target.route, target.balancer);
         let name = &target.service.name;
@@ -474,8 +484,13 @@ impl Proxy {
         }
     }
 
-    fn target<'a>(&'a self, path: &str, grpc_service: &str) -> Result<Target<'a>, ProxyError> {
-        if let Some(route) = self.router.route(path) {
+    fn target<'a>(
+        &'a self,
+        router: &'a Router,
+        path: &str,
+        grpc_service: &str,
+    ) -> Result<Target<'a>, ProxyError> {
+        if let Some(route) = router.route(path) {
             return Ok(Target {
                 service: route.service.clone(),
                 route: Some(&route.matched),
@@ -559,7 +574,10 @@ impl Proxy {
                     ?outcome,
                     "policy gave no usable pick; falling back to round-robin"
                 );
-                (fallback.pick(&ctx).expect("candidates is not empty"), 0)
+                (
+                    fallback.pick(&ctx).expect("candidates is not empty"),
+                    crate::balance::PLACED_BY_FALLBACK,
+                )
             }
         };
         Ok((candidates[position], placed_by))

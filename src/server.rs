@@ -56,9 +56,13 @@ pub struct Gateway {
     pub policies: Arc<PolicySet>,
     /// Where each call's line goes, when `[access_log]` is set.
     access_log: Option<AccessLog>,
+    /// The configuration in force (a reload replaces its routes).
+    running: std::sync::Mutex<Config>,
     /// Marks the gateway draining (`/readyz` 503), `drain_delay` before `stop`.
     draining: CancellationToken,
     drain_delay: Duration,
+    /// Cuts the drain delay short (a second signal).
+    hurry: CancellationToken,
     /// Stops accepting and drains connections.
     stop: CancellationToken,
     /// Stops the background tasks (discovery, health checks, admin).
@@ -140,7 +144,6 @@ impl Gateway {
             table: parts.table.clone(),
             proxy: parts.proxy.clone(),
             policies: parts.policies.clone(),
-            config: Arc::new(config.clone()),
             token: admin_token,
             draining: draining.clone(),
         };
@@ -158,8 +161,10 @@ impl Gateway {
             proxy: parts.proxy,
             policies: parts.policies,
             access_log: parts.access_log,
+            running: std::sync::Mutex::new(config.clone()),
             draining,
             drain_delay: config.drain_delay,
+            hurry: CancellationToken::new(),
             stop,
             background,
             connections,
@@ -167,6 +172,35 @@ impl Gateway {
             drain_timeout: config.drain_timeout,
             data_threads,
         })
+    }
+
+    /// Applies `next`, the configuration file read again (SIGHUP): new calls
+    /// are routed by its routes (services, policies, options, retries,
+    /// timeouts); calls in flight finish as they began. A change to a
+    /// setting that cannot change while running is refused whole, naming
+    /// it, and the running configuration stays. Returns the routes in force.
+    pub fn reload(&self, next: Config) -> Result<usize, String> {
+        let mut running = self.running.lock().expect("running config");
+        let fixed = running.fixed_differences(&next);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} cannot change while weir runs (restart to change them); nothing was changed",
+                fixed.join(", ")
+            ));
+        }
+        let services = self.proxy.services().clone();
+        let router = Router::new(&next.routes, &services, |route| {
+            route_policy(&self.policies, route)
+        });
+        self.proxy.set_router(router);
+        let routes = next.routes.len();
+        *running = next;
+        Ok(routes)
+    }
+
+    /// Cancelled, cuts `shutdown`'s drain delay short (GOAWAY at once).
+    pub fn hurry(&self) -> CancellationToken {
+        self.hurry.clone()
     }
 
     /// Opens the access log file again (SIGHUP, after a rotation).
@@ -182,7 +216,10 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.draining.cancel();
         tracing::info!(delay = ?self.drain_delay, "draining: /readyz answers 503; GOAWAY after the drain delay");
-        tokio::time::sleep(self.drain_delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(self.drain_delay) => {}
+            _ = self.hurry.cancelled() => tracing::info!("drain delay cut short"),
+        }
         self.stop.cancel();
         self.connections.close();
         if tokio::time::timeout(self.drain_timeout, self.connections.wait())
@@ -194,6 +231,9 @@ impl Gateway {
         self.background.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(log) = self.access_log.clone() {
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `weir serve`: run the gateway until SIGTERM or SIGINT, then drain.
-//! SIGHUP reopens the access log (after a rotation).
+//! SIGHUP reads the configuration file again (routes change live) and
+//! reopens the access log (after a rotation).
 
 use std::path::Path;
 
@@ -12,6 +13,7 @@ use crate::server::Gateway;
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // The handlers first, so a signal during start-up is not the default kill.
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let config = Config::load(config_path)?;
     let gateway = Gateway::start(config)
@@ -23,17 +25,45 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 tracing::info!("SIGTERM: draining");
                 break;
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 tracing::info!("SIGINT: draining");
                 break;
             }
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reopening the access log");
+                reload(&gateway, config_path);
                 gateway.reopen_logs();
             }
         }
     }
+    // A second SIGTERM or SIGINT cuts the drain delay short.
+    let hurry = gateway.hurry();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("second signal: GOAWAY now");
+        hurry.cancel();
+    });
     gateway.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: the file read again and applied, or why not (the running
+/// configuration stays either way).
+fn reload(gateway: &Gateway, config_path: &Path) {
+    match Config::load(config_path) {
+        Ok(next) => match gateway.reload(next) {
+            Ok(routes) => {
+                tracing::info!(path = %config_path.display(), routes, "SIGHUP: configuration reloaded")
+            }
+            Err(why) => {
+                tracing::warn!(path = %config_path.display(), "SIGHUP: configuration not reloaded: {why}")
+            }
+        },
+        Err(err) => {
+            tracing::warn!(path = %config_path.display(), "SIGHUP: configuration not reloaded, the running one stays: {err:#}")
+        }
+    }
 }

@@ -113,7 +113,10 @@ impl PolicyEngine {
 
     /// Ticks of the epoch a pick may run for (at least one full `deadline`).
     pub fn deadline_ticks(&self) -> u64 {
-        (self.limits.deadline.as_micros() / TICK.as_micros()).max(1) as u64 + 1
+        u64::try_from(self.limits.deadline.as_micros() / TICK.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+            .saturating_add(1)
     }
 
     /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
@@ -160,10 +163,17 @@ impl PolicyEngine {
             )));
         }
         let mut linker = self.linker.clone();
+        let mut resource_types = super::wasi::ResourceTypes::default();
         for (name, item) in ty.imports(&self.engine) {
             if name.starts_with("wasi:") {
-                super::wasi::define(&mut linker, &self.engine, name, item.ty)
-                    .map_err(|e| PolicyError::World(format!("{e:#}")))?;
+                super::wasi::define(
+                    &mut linker,
+                    &self.engine,
+                    name,
+                    item.ty,
+                    &mut resource_types,
+                )
+                .map_err(|e| PolicyError::World(format!("{e:#}")))?;
             }
         }
         let instance_pre = linker

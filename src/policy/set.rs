@@ -474,6 +474,9 @@ impl Balancer for WasmBalancer {
 
     fn placed_version(&self, placed_by: u8) -> Option<String> {
         let short = |digest: &str| digest.chars().take(12).collect::<String>();
+        if placed_by == crate::balance::PLACED_BY_FALLBACK {
+            return Some("fallback (round-robin)".into());
+        }
         if placed_by == PLACED_BY_CANDIDATE {
             let candidate = self.policy.candidate()?;
             return Some(format!("{} (candidate)", short(&candidate.version.digest)));

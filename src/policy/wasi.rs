@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime};
 
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{
-    ComponentType, Linker, LinkerInstance, Lower, Resource, ResourceType, Val,
+    ComponentType, Linker, LinkerInstance, Lower, Resource, ResourceType, Val, WasmList,
 };
 use wasmtime::{Engine, StoreContextMut};
 
@@ -44,6 +44,10 @@ const MAX_TIMERS: usize = 64;
 /// How much a policy may write to stdout or stderr before asking again.
 const WRITE_PERMIT: u64 = 4096;
 
+/// Lines one instance may log a second (stdout and stderr together); more
+/// are dropped, and counted in the next line logged.
+const LINES_PER_SECOND: u32 = 100;
+
 /// Per-instance WASI state: partial output lines and clock pollables.
 #[derive(Default)]
 pub struct WasiState {
@@ -51,6 +55,11 @@ pub struct WasiState {
     lines: [Vec<u8>; 2],
     /// Deadlines of clock pollables (monotonic nanoseconds), by slot.
     timers: Vec<Option<u64>>,
+    /// The second (of the monotonic clock) lines are being counted in, how
+    /// many were logged in it, and how many dropped since the last logged.
+    second: u64,
+    logged: u32,
+    dropped: u64,
 }
 
 // Host types of the WASI resources weir hands out or names. A resource a
@@ -92,14 +101,37 @@ const STDERR: u32 = 2;
 /// The pollable that is always ready (streams never make a policy wait).
 const READY: u32 = 0;
 
+/// The host type given to each resource of a component's imports, by the
+/// component's own type: an interface that uses another's resource under
+/// another name (`use wasi:io/error.{error as io-error}`) gets the same host
+/// type as the interface that defines it.
+#[derive(Default)]
+pub struct ResourceTypes(Vec<(ResourceType, ResourceType)>);
+
+impl ResourceTypes {
+    /// The host type for `resource` (the component's view), named `name`
+    /// where it is first seen (its defining interface: imports come in
+    /// dependency order).
+    fn host_type(&mut self, resource: ResourceType, name: &str) -> ResourceType {
+        if let Some((_, host)) = self.0.iter().find(|(seen, _)| *seen == resource) {
+            return *host;
+        }
+        let host = resource_type(name);
+        self.0.push((resource, host));
+        host
+    }
+}
+
 /// Links WASI import `name` (a whole interface, such as
 /// `wasi:cli/environment@0.2.9`) into `linker`: what a sandbox without
-/// capabilities answers, and traps for the rest.
+/// capabilities answers, and traps for the rest. `types`: the resources
+/// met so far in this component's imports.
 pub fn define(
     linker: &mut Linker<HostState>,
     engine: &Engine,
     name: &str,
     item: ComponentItem,
+    types: &mut ResourceTypes,
 ) -> wasmtime::Result<()> {
     let ComponentItem::ComponentInstance(instance) = item else {
         return Ok(()); // a WASI import is an interface; anything else fails to link
@@ -109,8 +141,9 @@ pub fn define(
     let mut linked = linker.instance(name)?;
     for (export, ty) in instance.exports(engine) {
         match ty.ty {
-            ComponentItem::Resource(_) => {
-                linked.resource(export, resource_type(export), drop_resource(export))?;
+            ComponentItem::Resource(resource) => {
+                let host = types.host_type(resource, export);
+                linked.resource(export, host, drop_resource(host))?;
             }
             ComponentItem::ComponentFunc(_)
                 if !(p2 && provide(&mut linked, interface, export)?) =>
@@ -143,8 +176,8 @@ fn resource_type(name: &str) -> ResourceType {
 
 type Dtor = Box<dyn Fn(StoreContextMut<'_, HostState>, u32) -> wasmtime::Result<()> + Send + Sync>;
 
-fn drop_resource(name: &str) -> Dtor {
-    if name == "pollable" {
+fn drop_resource(host: ResourceType) -> Dtor {
+    if host == ResourceType::host::<Pollable>() {
         return Box::new(|mut store, rep| {
             if rep != READY {
                 if let Some(slot) = store.data_mut().wasi.timers.get_mut(rep as usize - 1) {
@@ -216,11 +249,17 @@ fn provide(
             "[method]output-stream.write" | "[method]output-stream.blocking-write-and-flush",
         ) => linked.func_wrap(
             export,
-            |mut store: Store<'_>, (stream, bytes): (Resource<OutputStream>, Vec<u8>)| {
+            |mut store: Store<'_>, (stream, bytes): (Resource<OutputStream>, WasmList<u8>)| {
+                // Checked before a byte is copied; over the permit is a
+                // trap, as WASI says.
                 if bytes.len() as u64 > WRITE_PERMIT {
-                    return Ok((Err(StreamError::Closed),)); // more than it was permitted
+                    wasmtime::bail!(
+                        "wrote {} bytes to stdout/stderr at once (at most {WRITE_PERMIT})",
+                        bytes.len()
+                    );
                 }
-                store.data_mut().write_output(stream.rep(), &bytes);
+                let copied = bytes.as_le_slice(&store).to_vec();
+                store.data_mut().write_output(stream.rep(), &copied);
                 Ok((Ok::<(), StreamError>(()),))
             },
         )?,
@@ -369,22 +408,43 @@ impl HostState {
         let which = usize::from(stream == STDERR);
         let buffer = &mut self.wasi.lines[which];
         buffer.extend_from_slice(bytes);
+        let mut complete = Vec::new();
         while let Some(end) = buffer
             .iter()
             .position(|&b| b == b'\n')
             .or((buffer.len() >= MAX_LINE).then_some(MAX_LINE))
         {
-            let line: Vec<u8> = buffer.drain(..end.min(MAX_LINE)).collect();
+            let end = end.min(MAX_LINE);
+            let line: Vec<u8> = buffer.drain(..end).collect();
             if buffer.first() == Some(&b'\n') {
                 buffer.remove(0);
             }
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end();
-            if which == 0 {
-                tracing::info!(policy = %self.policy, stream = "stdout", "{line}");
-            } else {
-                tracing::warn!(policy = %self.policy, stream = "stderr", "{line}");
-            }
+            complete.push(line);
+        }
+        for line in complete {
+            self.log_line(which, &line);
+        }
+    }
+
+    /// Logs one line of stdout (0) or stderr (1), within the rate limit.
+    fn log_line(&mut self, which: usize, line: &[u8]) {
+        let second = monotonic_ns() / 1_000_000_000;
+        let wasi = &mut self.wasi;
+        if wasi.second != second {
+            (wasi.second, wasi.logged) = (second, 0);
+        }
+        if wasi.logged >= LINES_PER_SECOND {
+            wasi.dropped += 1;
+            return;
+        }
+        wasi.logged += 1;
+        let dropped = std::mem::take(&mut wasi.dropped);
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end();
+        if which == 0 {
+            tracing::info!(policy = %self.policy, stream = "stdout", dropped, "{line}");
+        } else {
+            tracing::warn!(policy = %self.policy, stream = "stderr", dropped, "{line}");
         }
     }
 

@@ -395,11 +395,14 @@ async fn every_call_is_one_access_log_line_and_a_rotation_loses_none() {
     let mut c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
         .await
         .unwrap();
+    // Warm-up: until both backends answer; every call counted, each is a line.
+    let warm_up_calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     crate::support::eventually("both backends serve", Duration::from_secs(30), || {
-        let mut c = c.clone();
+        let (mut c, calls) = (c.clone(), warm_up_calls.clone());
         async move {
             let mut seen = std::collections::HashSet::new();
             for _ in 0..8 {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Ok(r) = c.unary(EchoRequest::default()).await {
                     seen.insert(r.into_inner().instance);
                 }
@@ -415,23 +418,11 @@ async fn every_call_is_one_access_log_line_and_a_rotation_loses_none() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
     };
-    // The warm-up calls are logged too; count from here.
+    let warm_up = warm_up_calls.load(std::sync::atomic::Ordering::SeqCst);
     crate::support::eventually("the warm-up lines", Duration::from_secs(10), || async {
-        !lines(&log).is_empty()
+        lines(&log).len() >= warm_up
     })
     .await;
-    let warm_up = {
-        // Settled: the count stops moving once the writer has flushed.
-        let mut last = usize::MAX;
-        loop {
-            let n = lines(&log).len();
-            if n == last {
-                break n;
-            }
-            last = n;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    };
 
     let mut expected_ok: BTreeMap<String, usize> = BTreeMap::new();
     let ok_calls = |c: &mut EchoClient<tonic::transport::Channel>, n: usize| {
@@ -484,6 +475,14 @@ async fn every_call_is_one_access_log_line_and_a_rotation_loses_none() {
     for who in ok_calls(&mut c, 10).await {
         *expected_ok.entry(addr_of[&who].clone()).or_default() += 1;
     }
+    // Written (to the renamed file) before the signal: lines still queued
+    // at a SIGHUP would rightly go to the new file.
+    crate::support::eventually(
+        "38 lines in the renamed file",
+        Duration::from_secs(10),
+        || async { lines(&rotated).len() >= warm_up + 38 },
+    )
+    .await;
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &gateway.pid().to_string()])
         .status()
@@ -500,7 +499,6 @@ async fn every_call_is_one_access_log_line_and_a_rotation_loses_none() {
         lines(&rotated).len() + lines(&log).len() >= warm_up + 48
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // nothing more comes
     let after_reopen = lines(&log);
     assert_eq!(
         after_reopen.len(),
@@ -576,4 +574,162 @@ fn weir_config_check_names_the_key_at_fault() {
     assert!(ok && text.contains("valid (1 route(s)"), "{text}");
     let (ok, text) = check("[access_log]\nbuffer = 0\n");
     assert!(!ok && text.contains("access_log.buffer"), "{text}");
+}
+
+/// SIGHUP under continuous load: a route's service and policy changed in
+/// the file take effect for new calls, with no call failed; an invalid file
+/// and a change that cannot apply live (the listen address) change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_routes_under_load_and_refuses_what_cannot_change() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use weir::register::{Registration, RegistrationSpec};
+
+    let etcd = Etcd::start();
+    let (_alpha, _reg_alpha) = crate::support::registered_echo(&etcd, PREFIX, "alpha").await;
+    let beta = weir::example::EchoBackend::start("beta").await.unwrap();
+    let mut reg_beta = Registration::spawn(
+        crate::support::client(&etcd).await,
+        RegistrationSpec::new(PREFIX, "beta", &beta.addr.to_string()),
+    )
+    .unwrap();
+    reg_beta.registered().await;
+    let policies = crate::policy::policy_file("least-conn")
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let config = |listen: &str, service: &str, policy: &str| {
+        format!(
+            "listen = \"{listen}\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\n\
+             [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+             [policy]\ndir = {policies:?}\ndeadline = \"50ms\"\n\
+             [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"{service}\"\npolicy = \"{policy}\"\n",
+            etcd.endpoint(0)
+        )
+    };
+    let gateway =
+        crate::support::process::WeirServe::start(&config("127.0.0.1:0", "echo", "round-robin"));
+    let rewrite = |text: &str| {
+        let path = gateway.config_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .unwrap();
+    crate::support::eventually("served by alpha", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.unary(EchoRequest::default()).await.is_ok() }
+    })
+    .await;
+
+    // Continuous load: every reply's instance, in order, and every failure.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let answered_by: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let load = {
+        let (stop, failed, answered_by) = (stop.clone(), failed.clone(), answered_by.clone());
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut workers = Vec::new();
+            for _ in 0..4 {
+                let (stop, failed, answered_by, mut c) =
+                    (stop.clone(), failed.clone(), answered_by.clone(), c.clone());
+                workers.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.unary(EchoRequest::default()).await {
+                            Ok(r) => answered_by
+                                .lock()
+                                .unwrap()
+                                .push((Instant::now(), r.into_inner().instance)),
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }));
+            }
+            for w in workers {
+                w.await.unwrap();
+            }
+        })
+    };
+    let served_by = |who: &'static str| {
+        let answered_by = answered_by.clone();
+        move || {
+            let answered_by = answered_by.clone();
+            async move {
+                let seen = answered_by.lock().unwrap();
+                seen.len() >= 10 && seen[seen.len() - 10..].iter().all(|(_, i)| i == who)
+            }
+        }
+    };
+    crate::support::eventually("load on alpha", Duration::from_secs(10), served_by("alpha")).await;
+
+    // The route moves to service beta, under the least-conn policy.
+    rewrite(&config("127.0.0.1:0", "beta", "least-conn"));
+    let hup = Instant::now();
+    gateway.signal("HUP");
+    crate::support::eventually("load on beta", Duration::from_secs(10), served_by("beta")).await;
+    let first_beta = answered_by
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, i)| i == "beta")
+        .map(|(at, _)| at.duration_since(hup))
+        .unwrap();
+    eprintln!("the new route served its first call {first_beta:?} after SIGHUP");
+    let (_, routes) = crate::support::gateway::admin_get(gateway.admin_addr, "/routes").await;
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(routes["routes"][0]["service"], "beta", "{routes}");
+    assert_eq!(routes["routes"][0]["policy"], "least-conn", "{routes}");
+
+    // An invalid file, then a listen address change: refused, nothing changes.
+    rewrite("[[route]]\nmatch = 5\n");
+    gateway.signal("HUP");
+    crate::support::eventually(
+        "the invalid file refused",
+        Duration::from_secs(10),
+        || async {
+            gateway
+                .logged("configuration not reloaded, the running one stays")
+                .is_some()
+        },
+    )
+    .await;
+    rewrite(&config("127.0.0.1:1", "echo", "round-robin"));
+    gateway.signal("HUP");
+    crate::support::eventually(
+        "the listen change refused",
+        Duration::from_secs(10),
+        || async {
+            gateway
+                .logged("listen cannot change while weir runs")
+                .is_some()
+        },
+    )
+    .await;
+    let refused_at = answered_by.lock().unwrap().len();
+    crate::support::eventually(
+        "more calls after the refusals",
+        Duration::from_secs(10),
+        || async { answered_by.lock().unwrap().len() >= refused_at + 50 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let seen = answered_by.lock().unwrap();
+    assert!(
+        seen[refused_at..].iter().all(|(_, i)| i == "beta"),
+        "still routed to beta after the refused reloads"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no call failed across the reloads ({} answered)",
+        seen.len()
+    );
 }

@@ -76,6 +76,20 @@ impl WeirServe {
         log.iter().rev().find(|line| line.contains(text)).cloned()
     }
 
+    /// The configuration file it was started on (rewrite it, then SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("weir.toml")
+    }
+
+    /// Sends the process `signal` (`"HUP"`, `"TERM"`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
