@@ -609,3 +609,70 @@ async fn a_python_policy_is_published_through_etcd_and_gets_no_capabilities() {
     }
     assert!(!held.contains("a secret"), "{held}");
 }
+
+/// The rollout state and a version's manifest change only together: a
+/// state naming a version that was deleted is not written (`NotFound`),
+/// and a version the state names is not deleted (refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_never_names_a_deleted_version_nor_a_delete_takes_a_named_one() {
+    use weir::discovery::fleet::{self, FleetError, RolloutState};
+
+    let etcd = Etcd::start();
+    let mut etcd_client = client(&etcd).await;
+    let least_conn = std::fs::read(crate::policy::policy_file("least-conn")).unwrap();
+    let v1 = fleet::publish(&mut etcd_client, PREFIX, "pick", &least_conn, None)
+        .await
+        .unwrap()
+        .digest;
+    let v2 = fleet::publish(
+        &mut etcd_client,
+        PREFIX,
+        "pick",
+        &padded(&least_conn, 8),
+        None,
+    )
+    .await
+    .unwrap()
+    .digest;
+    let state = RolloutState::default().set_current(&v1, "test");
+    assert!(
+        fleet::swap_rollout(&mut etcd_client, PREFIX, "pick", None, &state)
+            .await
+            .unwrap()
+    );
+    // v1 is current: its delete is refused, and it stays.
+    let refused = fleet::delete(&mut etcd_client, PREFIX, "pick", &v1).await;
+    assert!(
+        matches!(refused, Err(FleetError::Refused(_))),
+        "{refused:?}"
+    );
+    assert!(fleet::resolve(&mut etcd_client, PREFIX, "pick", &v1)
+        .await
+        .is_ok());
+    // v2 is deleted; a state naming it is then never written.
+    fleet::delete(&mut etcd_client, PREFIX, "pick", &v2)
+        .await
+        .unwrap();
+    let read = fleet::read_rollout(&mut etcd_client, PREFIX, "pick")
+        .await
+        .unwrap()
+        .unwrap();
+    let naming_v2 = read.state.set_current(&v2, "test");
+    let written = fleet::swap_rollout(
+        &mut etcd_client,
+        PREFIX,
+        "pick",
+        Some(read.mod_revision),
+        &naming_v2,
+    )
+    .await;
+    assert!(
+        matches!(written, Err(FleetError::NotFound(_))),
+        "{written:?}"
+    );
+    let after = fleet::read_rollout(&mut etcd_client, PREFIX, "pick")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.state.current.as_deref(), Some(v1.as_str()));
+}
