@@ -10,9 +10,10 @@ h2load counts HTTP 200 as success even when grpc-status is not 0, so after
 each run a short check drives calls through the same target with the example
 client (which reads grpc-status) and the run is void if any call failed.
 
-weir runs three times: with the native round-robin ("weir"), and with the
+weir runs four times: with the native round-robin ("weir"), with the
 round-robin and least-conn WebAssembly policies on every call ("weir-wasm-rr",
-"weir-wasm-lc"). For every target the proxy's CPU time per call is read from
+"weir-wasm-lc"), and with the native round-robin and the access log on
+("weir-log", a file in the work directory). For every target the proxy's CPU time per call is read from
 /proc (its processes' utime + stime over the run, divided by the calls), and
 before the runs weir's wake-ups per second while idle (context switches of
 all its threads over 5 s with no traffic).
@@ -250,9 +251,12 @@ def start_targets(work, procs, backend_count=3):
     os.makedirs(wasm, exist_ok=True)
     for name in ("round-robin", "least-conn"):
         shutil.copy(os.path.join(POLICIES, f"{name}.wasm"), os.path.join(wasm, f"wasm-{name}.wasm"))
+    # And once more with the access log on (a file in the work directory).
+    access_log = f'[access_log]\npath = "{os.path.join(work, "access.log")}"\n'
     for tag, policy, extra in (("weir", "round-robin", ""),
                                ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
-                               ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n')):
+                               ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n'),
+                               ("weir-log", "round-robin", access_log)):
         weir_port, admin = free_port(), free_port()
         toml = os.path.join(work, f"{tag}.toml")
         with open(toml, "w") as f:
@@ -389,6 +393,9 @@ def measure(work, targets, pids):
     if all(t in med for t in ("weir", "weir-wasm-lc", "weir-wasm-rr")):
         print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
               f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
+    if "weir-log" in med and "weir" in med:
+        print(f"weir-log/weir: throughput ratio {med['weir-log']['rps'] / med['weir']['rps']:.2f} "
+              f"(the access log on), CPU ratio {med['weir-log']['cpu_us'] / med['weir']['cpu_us']:.2f}")
     if "baseline" in med and "weir" in med:
         print(f"weir/baseline: throughput ratio {med['weir']['rps'] / med['baseline']['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med['baseline']['p99']:.2f}")

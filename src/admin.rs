@@ -182,7 +182,7 @@ fn routes(state: &AdminState) -> Value {
     let router = state.proxy.router();
     let routes: Vec<Value> = router
         .routes()
-        .map(|r| json!({ "match": r.matched, "service": &*r.service.name, "policy": r.balancer.name(), "retries": r.retries, "idempotent": r.idempotent, "options": &*r.options }))
+        .map(|r| json!({ "match": &*r.matched, "service": &*r.service.name, "policy": r.balancer.name(), "retries": r.retries, "idempotent": r.idempotent, "options": &*r.options }))
         .collect();
     json!({ "routes": routes, "unrouted": "calls go to the etcd service named after their gRPC service" })
 }

@@ -169,8 +169,8 @@ pub struct Proxy {
 /// Where a call goes, once routed.
 struct Target<'a> {
     service: Arc<ServiceRuntime>,
-    /// The route's `match`; `None` for unrouted calls.
-    route: Option<&'a str>,
+    /// The route; `None` for unrouted calls.
+    route: Option<&'a Arc<router::Route>>,
     /// The route's policy; `None` for unrouted calls (the service's round-robin).
     balancer: Option<&'a Arc<dyn Balancer>>,
     retries: u32,
@@ -253,7 +253,7 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let mut call = CallRecord::start(self.state.clone(), Instant::now());
         if self.state.access_log.is_some() {
-            call.log_as(client, req.uri().path());
+            call.log_as(client, req.uri());
         }
         match self.forward(req, &mut call).await {
             Ok(answered) => respond(answered, call, self.state.name_backends),
@@ -278,7 +278,7 @@ impl Proxy {
         let router = self.router.load_full();
         let target = self.target(&router, path, grpc_service)?;
         call.routed(&target.service);
-        call.log_route(target.route, target.balancer);
+        call.log_route(target.route);
         let name = &target.service.name;
         // The client's deadline, clipped; else the route's longest call.
         let deadline = parts
@@ -493,7 +493,7 @@ impl Proxy {
         if let Some(route) = router.route(path) {
             return Ok(Target {
                 service: route.service.clone(),
-                route: Some(&route.matched),
+                route: Some(route),
                 balancer: Some(&route.balancer),
                 retries: route.retries,
                 idempotent: route.idempotent,

@@ -36,9 +36,9 @@ pub struct CallRecord {
 struct CallLog {
     time: std::time::SystemTime,
     client: SocketAddr,
-    path: String,
-    route: Option<String>,
-    policy: Option<String>,
+    path: Option<http::uri::PathAndQuery>,
+    route: Option<Arc<str>>,
+    policy: Option<Arc<str>>,
     policy_version: Option<String>,
     request: Option<ReplayBody>,
     response_bytes: u64,
@@ -59,11 +59,12 @@ impl CallRecord {
     }
 
     /// Keeps what the access log says of this call (only when it is on).
-    pub fn log_as(&mut self, client: SocketAddr, path: &str) {
+    pub fn log_as(&mut self, client: SocketAddr, uri: &http::Uri) {
         self.log = Some(Box::new(CallLog {
             time: std::time::SystemTime::now(),
             client,
-            path: path.to_owned(),
+            // Shares the request's bytes: no copy.
+            path: uri.path_and_query().cloned(),
             route: None,
             policy: None,
             policy_version: None,
@@ -73,10 +74,10 @@ impl CallRecord {
         }));
     }
 
-    pub fn log_route(&mut self, route: Option<&str>, policy: Option<&Arc<dyn Balancer>>) {
-        if let Some(log) = self.log.as_mut() {
-            log.route = route.map(str::to_owned);
-            log.policy = policy.map(|b| b.name().to_owned());
+    pub fn log_route(&mut self, route: Option<&Arc<crate::proxy::router::Route>>) {
+        if let (Some(log), Some(route)) = (self.log.as_mut(), route) {
+            log.route = Some(route.matched.clone());
+            log.policy = Some(route.policy.clone());
         }
     }
 

@@ -11,7 +11,9 @@ use crate::config::RouteConfig;
 use super::services::{ServiceRuntime, ServiceRuntimes};
 
 pub struct Route {
-    pub matched: String,
+    pub matched: Arc<str>,
+    /// The name of the route's policy (its balancer's), for the access log.
+    pub policy: Arc<str>,
     pub service: Arc<ServiceRuntime>,
     pub balancer: Arc<dyn Balancer>,
     pub retries: u32,
@@ -39,10 +41,12 @@ impl Router {
         let mut exact = HashMap::new();
         let mut prefixes = Vec::new();
         for r in routes {
+            let balancer = balancer(r);
             let route = Arc::new(Route {
-                matched: r.path.clone(),
+                matched: r.path.as_str().into(),
+                policy: balancer.name().into(),
                 service: services.create(&r.service),
-                balancer: balancer(r),
+                balancer,
                 retries: r.retries,
                 idempotent: r.idempotent,
                 options: Arc::new(r.options.clone()),
@@ -66,7 +70,7 @@ impl Router {
     pub fn route(&self, path: &str) -> Option<&Arc<Route>> {
         self.exact
             .get(path)
-            .or_else(|| self.prefixes.iter().find(|r| path.starts_with(&r.matched)))
+            .or_else(|| self.prefixes.iter().find(|r| path.starts_with(&*r.matched)))
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
