@@ -18,11 +18,16 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
-/// What one call leaves in the access log.
+/// What one call leaves in the access log: serialized as its line, straight
+/// into the writer's buffer (no intermediate JSON tree: the writer thread
+/// shares two cores with calls).
+#[derive(serde::Serialize)]
 pub struct Entry {
     /// When the call arrived.
+    #[serde(serialize_with = "rfc3339_millis")]
     pub time: SystemTime,
     pub client: Option<SocketAddr>,
+    #[serde(serialize_with = "path_only")]
     pub path: Option<http::uri::PathAndQuery>,
     /// The route's `match`, if a route matched.
     pub route: Option<Arc<str>>,
@@ -33,59 +38,29 @@ pub struct Entry {
     /// The policy version that placed the call (its digest's first 12
     /// characters), and whether it was the rollout's candidate.
     pub policy_version: Option<String>,
+    #[serde(rename = "grpc_status")]
     pub status: u32,
+    #[serde(rename = "duration_ms", serialize_with = "milliseconds")]
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub attempts: u32,
 }
 
-/// An entry's line, serialized straight into the writer's buffer (no
-/// intermediate JSON tree: the writer thread shares two cores with calls).
-#[derive(serde::Serialize)]
-struct Line<'a> {
-    #[serde(serialize_with = "serialize_display")]
-    time: humantime::Rfc3339Timestamp,
-    client: Option<SocketAddr>,
-    path: &'a str,
-    route: Option<&'a str>,
-    service: Option<&'a str>,
-    backend: Option<&'a str>,
-    policy: Option<&'a str>,
-    policy_version: Option<&'a str>,
-    grpc_status: u32,
-    duration_ms: f64,
-    request_bytes: u64,
-    response_bytes: u64,
-    attempts: u32,
+fn rfc3339_millis<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*time))
 }
 
-/// A value written as its `Display` text (a JSON string).
-fn serialize_display<T: std::fmt::Display, S: serde::Serializer>(
-    value: &T,
-    serializer: S,
+fn path_only<S: serde::Serializer>(
+    path: &Option<http::uri::PathAndQuery>,
+    s: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(value)
+    s.serialize_str(path.as_ref().map_or("", |p| p.path()))
 }
 
-impl Entry {
-    fn line(&self) -> Line<'_> {
-        Line {
-            time: humantime::format_rfc3339_millis(self.time),
-            client: self.client,
-            path: self.path.as_ref().map_or("", |p| p.path()),
-            route: self.route.as_deref(),
-            service: self.service.as_deref(),
-            backend: self.backend.as_deref(),
-            policy: self.policy.as_deref(),
-            policy_version: self.policy_version.as_deref(),
-            grpc_status: self.status,
-            duration_ms: (self.duration.as_secs_f64() * 1e6).round() / 1e3,
-            request_bytes: self.request_bytes,
-            response_bytes: self.response_bytes,
-            attempts: self.attempts,
-        }
-    }
+/// Milliseconds, to the microsecond.
+fn milliseconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1e6).round() / 1e3)
 }
 
 /// An entry to write, or `None`: look at the reopen flag now.
@@ -272,7 +247,7 @@ impl Writer {
 
     fn write(&mut self, entry: &Entry) {
         let writer = self.sink.writer();
-        let written = serde_json::to_writer(&mut *writer, &entry.line())
+        let written = serde_json::to_writer(&mut *writer, entry)
             .map_err(std::io::Error::from)
             .and_then(|()| writer.write_all(b"\n"));
         match written {
