@@ -26,11 +26,14 @@ deps:
 	fi
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-# A gRPC client nobody here wrote, for the interop test: Python grpcio.
-PY_ENV := .venv/.grpcio-installed
+# Peers nobody here wrote, for the interop tests: Python grpcio (client and
+# server), and an OTLP trace receiver from opentelemetry-proto's service
+# definitions. (The marker's name changes when the list does, so an existing
+# .venv gets what was added.)
+PY_ENV := .venv/.python-peers-2
 $(PY_ENV):
 	python3 -m venv .venv || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && python3 -m venv .venv; }
-	.venv/bin/pip install -q --disable-pip-version-check grpcio grpcio-tools
+	.venv/bin/pip install -q --disable-pip-version-check grpcio grpcio-tools opentelemetry-proto
 	touch $@
 
 # Policies written in C (clang for wasm32 + wasi-libc for malloc). weir-wit-c

@@ -56,6 +56,9 @@ pub struct Config {
     /// One JSON line per call; off unless the section is present.
     #[serde(default)]
     pub access_log: Option<AccessLogConfig>,
+    /// OpenTelemetry traces over OTLP/gRPC; off unless the section is present.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
     #[serde(default)]
     pub etcd: EtcdSection,
     #[serde(default)]
@@ -189,6 +192,35 @@ pub struct AccessLogConfig {
     /// Entries waiting for the writer; beyond, new ones are dropped (counted).
     #[serde(default = "defaults::access_log_buffer")]
     pub buffer: usize,
+}
+
+/// `[tracing]`: present, calls are traced (a sample of them) and their
+/// spans exported over OTLP/gRPC.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/gRPC address, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: String,
+    /// The share of calls without a client `traceparent` that are traced
+    /// (0 to 1). Changes live on SIGHUP.
+    #[serde(default = "defaults::sample_ratio")]
+    pub sample_ratio: f64,
+    /// A client's `traceparent` sampled flag decides for its call (the W3C
+    /// "parent-based" rule); off, the ratio decides every call (a client
+    /// cannot make the gateway trace all it sends). The client's trace is
+    /// continued either way.
+    #[serde(default = "defaults::yes")]
+    pub follow_client_sampling: bool,
+    /// `service.name` of the gateway's spans.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    /// Finished spans waiting for the exporter; beyond, new ones are
+    /// dropped (counted in `weir_trace_spans_dropped_total`).
+    #[serde(default = "defaults::trace_queue")]
+    pub queue: usize,
+    /// How long one export to the collector may take.
+    #[serde(default = "defaults::export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -403,6 +435,18 @@ mod defaults {
     }
     pub fn access_log_buffer() -> usize {
         65_536
+    }
+    pub fn sample_ratio() -> f64 {
+        0.01
+    }
+    pub fn service_name() -> String {
+        "weir".into()
+    }
+    pub fn trace_queue() -> usize {
+        4096
+    }
+    pub fn export_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn etcd_endpoints() -> Vec<String> {
         vec!["http://127.0.0.1:2379".into()]
@@ -640,6 +684,17 @@ impl Config {
         differ("drain_delay", self.drain_delay == next.drain_delay);
         differ("tls", self.tls == next.tls);
         differ("access_log", self.access_log == next.access_log);
+        // The sampling ratio changes live; the pipeline does not.
+        let pipeline = |t: &Option<TracingConfig>| {
+            t.clone().map(|t| TracingConfig {
+                sample_ratio: 0.0,
+                ..t
+            })
+        };
+        differ(
+            "tracing",
+            pipeline(&self.tracing) == pipeline(&next.tracing),
+        );
         differ("etcd", self.etcd == next.etcd);
         differ("upstream", self.upstream == next.upstream);
         differ("retry", self.retry == next.retry);
@@ -760,6 +815,30 @@ impl Config {
         if let Some(log) = &self.access_log {
             if !(1..=1 << 24).contains(&log.buffer) {
                 return fail("access_log.buffer".into(), "must be between 1 and 16777216");
+            }
+        }
+        if let Some(t) = &self.tracing {
+            let endpoint = t.otlp_endpoint.parse::<http::Uri>();
+            let usable = endpoint.as_ref().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http") | Some("https")) && u.authority().is_some()
+            });
+            if !usable {
+                return fail(
+                    "tracing.otlp_endpoint".into(),
+                    "must be an http:// or https:// address, e.g. http://127.0.0.1:4317",
+                );
+            }
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                return fail("tracing.sample_ratio".into(), "must be between 0 and 1");
+            }
+            if !(1..=1 << 20).contains(&t.queue) {
+                return fail("tracing.queue".into(), "must be between 1 and 1048576");
+            }
+            if t.export_timeout.is_zero() || t.export_timeout > Duration::from_secs(60) {
+                return fail(
+                    "tracing.export_timeout".into(),
+                    "must be more than 0 and at most 60s",
+                );
             }
         }
         if self.drain_delay > MAX_DURATION {

@@ -80,11 +80,15 @@ impl Drop for CallGuard {
 }
 
 /// Request metadata named `x-echo-*` comes back as response metadata, and the
-/// `grpc-timeout` the instance received as `x-seen-grpc-timeout`.
+/// `grpc-timeout` and W3C `traceparent` the instance received as
+/// `x-seen-grpc-timeout` and `x-seen-traceparent`.
 fn echoed(request: &MetadataMap) -> MetadataMap {
     let mut out = MetadataMap::new();
     if let Some(t) = request.get("grpc-timeout") {
         out.insert("x-seen-grpc-timeout", t.clone());
+    }
+    if let Some(t) = request.get("traceparent") {
+        out.insert("x-seen-traceparent", t.clone());
     }
     for kv in request.iter() {
         match kv {

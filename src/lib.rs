@@ -14,6 +14,7 @@
 //! - [`balance`]: the seam where a policy picks a backend; the native round-robin.
 //! - [`upstream`]: backends: connection pools, load, health checks, ejection.
 //! - [`config`]: the configuration file.
+//! - [`telemetry`]: which calls are traced, the span export, the log subscriber.
 //! - [`metrics`]: Prometheus metric groups.
 //! - [`commands`]: the command-line verbs that are more than a call.
 //! - `example`, `testkit` (feature `testkit`): the example echo service, and
@@ -37,6 +38,7 @@ pub mod policy;
 pub(crate) mod proxy;
 pub mod register;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 

@@ -265,11 +265,11 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // `weir serve` installs its subscriber once its configuration says
+    // whether calls are traced.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        weir::telemetry::init_logs(&cli.log, None)?;
+    }
     // `weir serve` runs its own layout: one single-threaded runtime per data
     // thread (server::Gateway starts the others); this one, on the main
     // thread, also runs discovery, health checks and the admin listener.
@@ -279,12 +279,12 @@ fn main() -> anyhow::Result<()> {
     };
     runtime.enable_all();
     let runtime = runtime.build().context("starting the tokio runtime")?;
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(cli.command, &cli.log))
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, log: &str) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => weir::commands::serve::run(&config).await,
+        Command::Serve { config } => weir::commands::serve::run(&config, log).await,
         Command::Policy { command } => policy_command(command).await,
         Command::Config {
             command: ConfigCommand::Check { file },

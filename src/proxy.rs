@@ -13,6 +13,7 @@ pub mod router;
 pub mod services;
 pub mod status;
 pub mod timeout;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use call::{AttemptRecord, CallRecord, Learner};
 use router::{split_path, Router};
 use services::{ServiceRuntime, ServiceRuntimes};
 use status::ProxyError;
+use trace::{AttemptSpan, CallSpan};
 
 /// Retries allowed for calls that match no route.
 const DEFAULT_RETRIES: u32 = 2;
@@ -101,6 +103,8 @@ pub struct ProxyState {
     unrouted_latency: Histogram,
     /// Where each call's line goes, when `[access_log]` is set.
     access_log: Option<crate::access_log::AccessLog>,
+    /// Which calls are traced, when `[tracing]` is set.
+    sampler: Option<crate::telemetry::Sampler>,
 }
 
 impl ProxyState {
@@ -111,6 +115,7 @@ impl ProxyState {
         limits: CallLimits,
         name_backends: bool,
         access_log: Option<crate::access_log::AccessLog>,
+        sampler: Option<crate::telemetry::Sampler>,
     ) -> Self {
         let unrouted_latency = metrics
             .call_duration
@@ -127,6 +132,7 @@ impl ProxyState {
             unrouted: CodeCounts::default(),
             unrouted_latency,
             access_log,
+            sampler,
         }
     }
 
@@ -252,8 +258,10 @@ impl Proxy {
         client: SocketAddr,
     ) -> Response<ResponseBody> {
         let mut call = CallRecord::start(self.state.clone(), Instant::now());
-        if self.state.access_log.is_some() {
-            call.log_as(client, req.uri());
+        let parent = (self.state.sampler.as_ref()).and_then(|s| s.sample(req.headers()));
+        if self.state.access_log.is_some() || parent.is_some() {
+            let span = parent.map(|p| CallSpan::start(p, req.uri().path(), client));
+            call.keep_details(client, req.uri(), span);
         }
         match self.forward(req, &mut call).await {
             Ok(answered) => respond(answered, call, self.state.name_backends),
@@ -278,7 +286,7 @@ impl Proxy {
         let router = self.router.load_full();
         let target = self.target(&router, path, grpc_service)?;
         call.routed(&target.service);
-        call.log_route(target.route);
+        call.note_route(target.route);
         let name = &target.service.name;
         // The client's deadline, clipped; else the route's longest call.
         let deadline = parts
@@ -305,7 +313,8 @@ impl Proxy {
         }
         target.service.retry_budget.deposit();
         let body = ReplayBody::new(body);
-        call.log_request(&body);
+        call.note_request(&body);
+        let span = call.span().cloned();
         let parts_of_call = CallParts {
             parts: &parts,
             headers: &headers,
@@ -316,9 +325,12 @@ impl Proxy {
         loop {
             let (chosen, placed_by) = self.pick(&target, &members, &tried, &headers, method)?;
             tried.push(chosen);
-            call.log_placed(target.balancer, placed_by);
+            call.note_placed(target.balancer, placed_by);
             let member = &members.list[chosen];
             call.attempting(member);
+            let attempt_span = span
+                .as_ref()
+                .map(|s| s.attempt(tried.len() as u32, path, &member.backend.addr));
             // A policy that learns from outcomes hears how this attempt ends.
             let learner = target.balancer.filter(|b| b.learns()).map(|b| Learner {
                 balancer: b.clone(),
@@ -327,10 +339,25 @@ impl Proxy {
                 placed_by,
             });
             let started = call.started();
-            let error = match self
-                .attempt(&target, member, learner, &body, &parts_of_call, started)
-                .await
+            let attempted = self
+                .attempt(
+                    &target,
+                    member,
+                    learner,
+                    &body,
+                    &parts_of_call,
+                    started,
+                    attempt_span.clone(),
+                )
+                .await;
+            if let (
+                Some(span),
+                Attempt::Failed(err) | Attempt::NotReached(err) | Attempt::Lost(err),
+            ) = (&attempt_span, &attempted)
             {
+                span.failed(&err.to_string());
+            }
+            let error = match attempted {
                 Attempt::Answered(answered) => return Ok(answered),
                 Attempt::Failed(err) => return Err(err),
                 Attempt::Lost(err) if !target.idempotent => return Err(err),
@@ -347,10 +374,15 @@ impl Proxy {
                 return Err(error);
             }
             target.service.retries.inc();
+            if let Some(span) = &span {
+                span.retrying(&error.to_string());
+            }
         }
     }
 
-    /// Sends the call to `member`'s backend.
+    /// Sends the call to `member`'s backend (`span`: the attempt's, when
+    /// the call is traced).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         target: &Target<'_>,
@@ -359,6 +391,7 @@ impl Proxy {
         body: &ReplayBody,
         call: &CallParts<'_>,
         call_started: Instant,
+        span: Option<AttemptSpan>,
     ) -> Attempt {
         let service = &target.service;
         let CallParts {
@@ -405,6 +438,9 @@ impl Proxy {
         *upstream.method_mut() = http::Method::POST;
         *upstream.uri_mut() = upstream_uri(&member.backend.addr, &parts.uri);
         *upstream.headers_mut() = HeaderMap::clone(headers);
+        if let Some(span) = &span {
+            span.inject(upstream.headers_mut());
+        }
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             upstream
@@ -418,6 +454,7 @@ impl Proxy {
             learner,
             call_started,
         );
+        record.traced_by(span);
         let mut sender = stream.sender.clone();
         let sent = tokio::select! {
             sent = within(deadline, sender.send_request(upstream)) => sent,

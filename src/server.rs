@@ -20,6 +20,7 @@ use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
 use crate::proxy::{CallCounts, CallLimits, Proxy, ProxyState, RetrySettings};
+use crate::telemetry::{Sampler, Telemetry};
 use crate::upstream::{
     health, BackendStats, Backends, HealthCheckSettings, OutlierSettings, PoolConfig,
 };
@@ -56,6 +57,8 @@ pub struct Gateway {
     pub policies: Arc<PolicySet>,
     /// Where each call's line goes, when `[access_log]` is set.
     access_log: Option<AccessLog>,
+    /// Where traced calls' spans go, when `[tracing]` is set.
+    telemetry: Option<Arc<Telemetry>>,
     /// The configuration in force (a reload replaces its routes).
     running: std::sync::Mutex<Config>,
     /// Marks the gateway draining (`/readyz` 503), `drain_delay` before `stop`.
@@ -84,6 +87,17 @@ impl Gateway {
     /// Starts discovery, the policies and the data path, binds both
     /// listeners, waits (boundedly) for the first etcd listing, then serves.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        Self::start_traced(config, None).await
+    }
+
+    /// [`Gateway::start`], with calls traced through `telemetry` (the
+    /// pipeline `[tracing]` describes, started by the caller so the log
+    /// subscriber can carry its spans from the first line).
+    pub async fn start_traced(
+        config: Config,
+        telemetry: Option<Telemetry>,
+    ) -> Result<Gateway, StartError> {
+        let telemetry = telemetry.map(Arc::new);
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(crate::admin::read_token(path).map_err(StartError::Config)?),
             None => None,
@@ -91,7 +105,11 @@ impl Gateway {
         let mut registry = Registry::default();
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let parts = start_data_path(&config, &mut registry, &tasks, &background).await?;
+        if let Some(t) = &telemetry {
+            t.register(&mut registry);
+        }
+        let sampler = telemetry.as_ref().map(|t| t.sampler());
+        let parts = start_data_path(&config, sampler, &mut registry, &tasks, &background).await?;
         let grpc = bind(config.listen).await?;
         let admin = bind(config.admin).await?;
         let tls = match &config.tls {
@@ -161,6 +179,7 @@ impl Gateway {
             proxy: parts.proxy,
             policies: parts.policies,
             access_log: parts.access_log,
+            telemetry,
             running: std::sync::Mutex::new(config.clone()),
             draining,
             drain_delay: config.drain_delay,
@@ -193,6 +212,9 @@ impl Gateway {
             route_policy(&self.policies, route)
         });
         self.proxy.set_router(router);
+        if let (Some(telemetry), Some(tracing)) = (&self.telemetry, &next.tracing) {
+            telemetry.sampler().set_ratio(tracing.sample_ratio);
+        }
         let routes = next.routes.len();
         *running = next;
         Ok(routes)
@@ -234,6 +256,9 @@ impl Gateway {
         if let Some(log) = self.access_log.clone() {
             let _ = tokio::task::spawn_blocking(move || log.close()).await;
         }
+        if let Some(telemetry) = self.telemetry.clone() {
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        }
     }
 }
 
@@ -249,6 +274,7 @@ struct DataPath {
 /// tasks (member refresh, health checks) on `tasks`.
 async fn start_data_path(
     config: &Config,
+    sampler: Option<Sampler>,
     registry: &mut Registry,
     tasks: &TaskTracker,
     background: &CancellationToken,
@@ -297,6 +323,7 @@ async fn start_data_path(
         CallLimits::from(&config.limits),
         config.upstream.name_backends_in_errors,
         access_log.clone(),
+        sampler,
     ));
     let transport = crate::proxy::services::UpstreamTransport {
         tls_by_default: config.upstream.tls.as_ref().is_some_and(|t| t.default),

@@ -9,14 +9,22 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::server::Gateway;
+use crate::telemetry::{init_logs, Telemetry};
 
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+/// Runs the gateway configured by the file at `config_path`; `log` is the
+/// log filter (EnvFilter syntax).
+pub async fn run(config_path: &Path, log: &str) -> anyhow::Result<()> {
     // The handlers first, so a signal during start-up is not the default kill.
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let config = Config::load(config_path)?;
-    let gateway = Gateway::start(config)
+    let telemetry = match &config.tracing {
+        Some(tracing) => Some(Telemetry::start(tracing).context("starting [tracing]")?),
+        None => None,
+    };
+    init_logs(log, telemetry.as_ref())?;
+    let gateway = Gateway::start_traced(config, telemetry)
         .await
         .context("starting the gateway")?;
     loop {

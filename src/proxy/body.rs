@@ -153,7 +153,7 @@ impl Body for Observed {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.moved();
                 if let Some(data) = frame.data_ref() {
-                    this.call.log_response_bytes(data.len());
+                    this.call.note_response_bytes(data.len());
                 }
                 if let Some(t) = frame.trailers_ref() {
                     let code = status::code_of(t).unwrap_or(status::UNKNOWN);

@@ -14,8 +14,9 @@ use crate::upstream::ReplayBody;
 
 use super::services::ServiceRuntime;
 use super::status;
+use super::trace::{AttemptSpan, CallEnd, CallSpan};
 use super::ProxyState;
-use crate::balance::{Balancer, Outcome};
+use crate::balance::{Balancer, Outcome, PLACED_BY_FALLBACK};
 use crate::members::Member;
 use crate::upstream::StreamPermit;
 
@@ -28,21 +29,26 @@ pub struct CallRecord {
     /// The member the last attempt went to.
     member: Option<Arc<Member>>,
     status: Option<u32>,
-    /// What only the access log needs; kept only while it is on.
-    log: Option<Box<CallLog>>,
+    /// What only the access log and the call's span need; kept only for a
+    /// call that is logged or traced.
+    details: Option<Box<CallDetails>>,
 }
 
-/// The access log's view of a call, filled in as the call goes.
-struct CallLog {
+/// The access log's and the trace's view of a call, filled in as it goes.
+struct CallDetails {
     time: std::time::SystemTime,
     client: SocketAddr,
     path: Option<http::uri::PathAndQuery>,
     route: Option<Arc<str>>,
     policy: Option<Arc<str>>,
     policy_version: Option<String>,
+    /// The last pick was the fallback round-robin's.
+    fallback: bool,
     request: Option<ReplayBody>,
     response_bytes: u64,
     attempts: u32,
+    /// The call's span, when it is traced.
+    span: Option<CallSpan>,
 }
 
 impl CallRecord {
@@ -54,13 +60,14 @@ impl CallRecord {
             service: None,
             member: None,
             status: None,
-            log: None,
+            details: None,
         }
     }
 
-    /// Keeps what the access log says of this call (only when it is on).
-    pub fn log_as(&mut self, client: SocketAddr, uri: &http::Uri) {
-        self.log = Some(Box::new(CallLog {
+    /// Keeps what the access log and a trace say of this call (only when
+    /// one of them is on), and its span if it is traced.
+    pub fn keep_details(&mut self, client: SocketAddr, uri: &http::Uri, span: Option<CallSpan>) {
+        self.details = Some(Box::new(CallDetails {
             time: std::time::SystemTime::now(),
             client,
             // Shares the request's bytes: no copy.
@@ -68,34 +75,42 @@ impl CallRecord {
             route: None,
             policy: None,
             policy_version: None,
+            fallback: false,
             request: None,
             response_bytes: 0,
             attempts: 0,
+            span,
         }));
     }
 
-    pub fn log_route(&mut self, route: Option<&Arc<crate::proxy::router::Route>>) {
-        if let (Some(log), Some(route)) = (self.log.as_mut(), route) {
+    /// The call's span, if it is traced.
+    pub fn span(&self) -> Option<&CallSpan> {
+        self.details.as_ref()?.span.as_ref()
+    }
+
+    pub fn note_route(&mut self, route: Option<&Arc<crate::proxy::router::Route>>) {
+        if let (Some(log), Some(route)) = (self.details.as_mut(), route) {
             log.route = Some(route.matched.clone());
             log.policy = Some(route.policy.clone());
         }
     }
 
-    pub fn log_request(&mut self, body: &ReplayBody) {
-        if let Some(log) = self.log.as_mut() {
+    pub fn note_request(&mut self, body: &ReplayBody) {
+        if let Some(log) = self.details.as_mut() {
             log.request = Some(body.clone_handle());
         }
     }
 
-    pub fn log_placed(&mut self, policy: Option<&Arc<dyn Balancer>>, placed_by: u8) {
-        if let Some(log) = self.log.as_mut() {
+    pub fn note_placed(&mut self, policy: Option<&Arc<dyn Balancer>>, placed_by: u8) {
+        if let Some(log) = self.details.as_mut() {
             log.policy_version = policy.and_then(|b| b.placed_version(placed_by));
+            log.fallback = placed_by == PLACED_BY_FALLBACK;
         }
     }
 
     /// Bytes of response messages passed to the client.
-    pub fn log_response_bytes(&mut self, bytes: usize) {
-        if let Some(log) = self.log.as_mut() {
+    pub fn note_response_bytes(&mut self, bytes: usize) {
+        if let Some(log) = self.details.as_mut() {
             log.response_bytes += bytes as u64;
         }
     }
@@ -110,7 +125,7 @@ impl CallRecord {
 
     pub fn attempting(&mut self, member: &Arc<Member>) {
         self.member = Some(member.clone());
-        if let Some(log) = self.log.as_mut() {
+        if let Some(log) = self.details.as_mut() {
             log.attempts += 1;
         }
     }
@@ -141,21 +156,50 @@ impl Drop for CallRecord {
                 self.state.unrouted_latency.observe(latency);
             }
         }
-        if let (Some(log), Some(access_log)) = (self.log.take(), &self.state.access_log) {
+        let Some(details) = self.details.take() else {
+            return;
+        };
+        let service = self.service.as_ref().map(|s| s.name.clone());
+        let backend = self.member.as_ref().map(|m| m.backend.addr.clone());
+        if let Some(span) = &details.span {
+            span.finish(&CallEnd {
+                code,
+                route: details.route.as_deref(),
+                service: service.as_deref(),
+                backend: backend.as_deref(),
+                policy: details.policy.as_deref(),
+                policy_version: details.policy_version.as_deref(),
+                attempts: details.attempts,
+                fallback: details.fallback,
+            });
+        }
+        if let Some(access_log) = &self.state.access_log {
+            let CallDetails {
+                time,
+                client,
+                path,
+                route,
+                policy,
+                policy_version,
+                request,
+                response_bytes,
+                attempts,
+                ..
+            } = *details;
             access_log.record(Entry {
-                time: log.time,
-                client: Some(log.client),
-                path: log.path,
-                route: log.route,
-                service: self.service.as_ref().map(|s| s.name.clone()),
-                backend: self.member.as_ref().map(|m| m.backend.addr.clone()),
-                policy: log.policy,
-                policy_version: log.policy_version,
+                time,
+                client: Some(client),
+                path,
+                route,
+                service,
+                backend,
+                policy,
+                policy_version,
                 status: code,
                 duration: self.started.elapsed(),
-                request_bytes: log.request.as_ref().map_or(0, ReplayBody::bytes_read),
-                response_bytes: log.response_bytes,
-                attempts: log.attempts,
+                request_bytes: request.as_ref().map_or(0, ReplayBody::bytes_read),
+                response_bytes,
+                attempts,
             });
         }
     }
@@ -187,6 +231,8 @@ pub struct AttemptRecord {
     gateway_deadline: bool,
     /// The stream it holds in the backend's pool, until the response ends.
     permit: Option<StreamPermit>,
+    /// The attempt's span, when the call is traced.
+    span: Option<AttemptSpan>,
 }
 
 impl AttemptRecord {
@@ -208,7 +254,13 @@ impl AttemptRecord {
             status: None,
             gateway_deadline: false,
             permit: None,
+            span: None,
         }
+    }
+
+    /// Ends `span` with this attempt (its status set then).
+    pub fn traced_by(&mut self, span: Option<AttemptSpan>) {
+        self.span = span;
     }
 
     pub fn hold(&mut self, permit: StreamPermit) {
@@ -252,6 +304,9 @@ impl Drop for AttemptRecord {
         let backend = &self.member.backend;
         backend.load.finish(code == status::OK);
         self.member.counts.attempts.inc(code);
+        if let Some(span) = self.span.take() {
+            span.finish(code);
+        }
         match code {
             status::UNAVAILABLE => self.state.backend_failed(&self.service, &self.member),
             status::DEADLINE_EXCEEDED if self.gateway_deadline => {

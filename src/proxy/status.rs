@@ -14,6 +14,7 @@ pub const RESOURCE_EXHAUSTED: u32 = 8;
 pub const INTERNAL: u32 = 13;
 pub const UNIMPLEMENTED: u32 = 12;
 pub const UNAVAILABLE: u32 = 14;
+pub const DATA_LOSS: u32 = 15;
 
 /// Names for metrics labels, indexed by code.
 pub const NAMES: [&str; 17] = [

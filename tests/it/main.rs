@@ -16,4 +16,5 @@ mod signals;
 mod support;
 mod tidy;
 mod tls;
+mod traces;
 mod trust;

@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
         "listener",
         "access_log",
     ],
-    &["discovery", "upstream"],
+    &["discovery", "upstream", "telemetry"],
     &["members"],
     &["balance"],
     &["policy", "proxy", "register"],
