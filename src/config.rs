@@ -665,7 +665,10 @@ impl Config {
     /// `next`, by key: a reload that changes any of these is refused whole.
     /// Routes (their services, policies, options, retries, timeouts and
     /// headers) change live, unless a route would change whether a
-    /// service's backends are reached over TLS.
+    /// service's backends are reached over TLS; so do `[limits]`,
+    /// `[retry]`, `[health_check]`, `[outlier]`, the pick deadline, size
+    /// limit, allow list, trusted keys and rollout guards of `[policy]`,
+    /// and `tracing.sample_ratio`.
     pub fn fixed_differences(&self, next: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
         let mut differ = |key: &'static str, same: bool| {
@@ -697,12 +700,20 @@ impl Config {
         );
         differ("etcd", self.etcd == next.etcd);
         differ("upstream", self.upstream == next.upstream);
-        differ("retry", self.retry == next.retry);
-        differ("health_check", self.health_check == next.health_check);
-        differ("outlier", self.outlier == next.outlier);
         differ("zone", self.zone == next.zone);
-        differ("policy", self.policy == next.policy);
-        differ("limits", self.limits == next.limits);
+        // Of `[policy]`, what the engine and the watches were built with.
+        let p = (&self.policy, &next.policy);
+        differ("policy.dir", p.0.dir == p.1.dir);
+        differ("policy.from_etcd", p.0.from_etcd == p.1.from_etcd);
+        differ("policy.memory_mib", p.0.memory_mib == p.1.memory_mib);
+        differ("policy.instances", p.0.instances == p.1.instances);
+        let (r, n) = (&p.0.rollout, &p.1.rollout);
+        differ("policy.rollout.enabled", r.enabled == n.enabled);
+        differ("policy.rollout.gateway_id", r.gateway_id == n.gateway_id);
+        differ(
+            "policy.rollout.report_every",
+            r.report_every == n.report_every,
+        );
         // A service's transport is set when it is first used.
         let running_tls = |service: &str| {
             self.routes

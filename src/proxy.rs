@@ -94,8 +94,9 @@ impl Default for CallLimits {
 pub struct ProxyState {
     pub metrics: ProxyMetrics,
     pub backends: Arc<Backends>,
-    outlier: OutlierSettings,
-    limits: CallLimits,
+    /// Both replaced whole by a configuration reload.
+    outlier: arc_swap::ArcSwap<OutlierSettings>,
+    limits: arc_swap::ArcSwap<CallLimits>,
     /// Client-facing error messages may name backend addresses.
     name_backends: bool,
     /// Calls that matched no service, by code, and their durations.
@@ -108,6 +109,17 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
+    /// New calls are bounded by `limits`, failures judged by `outlier`
+    /// (a configuration reload).
+    pub fn set_settings(&self, limits: CallLimits, outlier: OutlierSettings) {
+        self.limits.store(Arc::new(limits));
+        self.outlier.store(Arc::new(outlier));
+    }
+
+    fn limits(&self) -> CallLimits {
+        **self.limits.load()
+    }
+
     pub fn new(
         metrics: ProxyMetrics,
         backends: Arc<Backends>,
@@ -126,8 +138,8 @@ impl ProxyState {
         ProxyState {
             metrics,
             backends,
-            outlier,
-            limits,
+            outlier: arc_swap::ArcSwap::from_pointee(outlier),
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             name_backends,
             unrouted: CodeCounts::default(),
             unrouted_latency,
@@ -142,7 +154,8 @@ impl ProxyState {
     /// threshold (and again each threshold further), never on every failure.
     pub fn backend_failed(&self, service: &ServiceRuntime, member: &Member) {
         let backend = &member.backend;
-        let first = match backend.outlier.record_failure(&self.outlier) {
+        let settings = self.outlier.load();
+        let first = match backend.outlier.record_failure(&settings) {
             OutlierVerdict::Keep => return,
             OutlierVerdict::Eject { first_of_streak } => first_of_streak,
         };
@@ -152,14 +165,14 @@ impl ProxyState {
             .iter()
             .filter(|m| m.backend.outlier.is_ejected())
             .count();
-        let cap = (members.len() * self.outlier.max_ejection_percent as usize / 100).max(1);
+        let cap = (members.len() * settings.max_ejection_percent as usize / 100).max(1);
         if ejected >= cap {
             if first {
                 tracing::warn!(backend = %backend.addr, service = %service.name, ejected, "not ejecting: the service's ejection cap is reached");
             }
             return;
         }
-        let length = backend.outlier.eject(&self.outlier);
+        let length = backend.outlier.eject(&settings);
         tracing::warn!(backend = %backend.addr, service = %service.name, ?length, "backend ejected after consecutive failures");
     }
 }
@@ -293,7 +306,7 @@ impl Proxy {
             .headers
             .get("grpc-timeout")
             .and_then(timeout::parse)
-            .map(|d| d.min(self.state.limits.max_grpc_timeout))
+            .map(|d| d.min(self.state.limits().max_grpc_timeout))
             .or(target.max_duration)
             .map(|d| call.started() + d);
         // Shared once, so a policy that reads headers does not copy them per pick.
@@ -311,7 +324,7 @@ impl Proxy {
                 }
             });
         }
-        target.service.retry_budget.deposit();
+        target.service.retry_budget.load().deposit();
         let body = ReplayBody::new(body);
         call.note_request(&body);
         let span = call.span().cloned();
@@ -369,7 +382,7 @@ impl Proxy {
             if !more_allowed {
                 return Err(error);
             }
-            if !target.service.retry_budget.withdraw() {
+            if !target.service.retry_budget.load().withdraw() {
                 target.service.retries_budget_exhausted.inc();
                 return Err(error);
             }
@@ -539,7 +552,7 @@ impl Proxy {
                 max_duration: route.max_duration,
                 stream_idle_timeout: route
                     .stream_idle_timeout
-                    .unwrap_or(self.state.limits.stream_idle_timeout),
+                    .unwrap_or_else(|| self.state.limits().stream_idle_timeout),
             });
         }
         if !self.services.is_ready() {
@@ -565,7 +578,7 @@ impl Proxy {
             options: None,
             hidden_headers: HiddenHeaders::sensitive(),
             max_duration: None,
-            stream_idle_timeout: self.state.limits.stream_idle_timeout,
+            stream_idle_timeout: self.state.limits().stream_idle_timeout,
         })
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +17,7 @@ use crate::config::{Config, RouteConfig};
 use crate::discovery::{self, EtcdConfig, ServiceTable};
 use crate::listener::Runtimes;
 use crate::metrics::{ClientConnMetrics, DiscoveryMetrics, PolicyMetrics, ProxyMetrics};
+use crate::policy::rollout::Guards;
 use crate::policy::{self, PolicyEngine, PolicySet};
 use crate::proxy::router::Router;
 use crate::proxy::services::ServiceRuntimes;
@@ -59,6 +61,8 @@ pub struct Gateway {
     access_log: Option<AccessLog>,
     /// Where traced calls' spans go, when `[tracing]` is set.
     telemetry: Option<Arc<Telemetry>>,
+    /// What a reload changes besides the routes.
+    live: LiveSenders,
     /// The configuration in force (a reload replaces its routes).
     running: std::sync::Mutex<Config>,
     /// Marks the gateway draining (`/readyz` 503), `drain_delay` before `stop`.
@@ -109,7 +113,14 @@ impl Gateway {
             t.register(&mut registry);
         }
         let sampler = telemetry.as_ref().map(|t| t.sampler());
-        let parts = start_data_path(&config, sampler, &mut registry, &tasks, &background).await?;
+        let (health, health_settings) = watch::channel(health_settings(&config));
+        let (guards, guards_settings) = watch::channel(Guards::from(&config.policy.rollout));
+        let live = LiveReceivers {
+            sampler,
+            health: health_settings,
+            guards: guards_settings,
+        };
+        let parts = start_data_path(&config, live, &mut registry, &tasks, &background).await?;
         let grpc = bind(config.listen).await?;
         let admin = bind(config.admin).await?;
         let tls = match &config.tls {
@@ -136,6 +147,11 @@ impl Gateway {
             &config.limits,
             ClientConnMetrics::register(&mut registry),
         ));
+        let live = LiveSenders {
+            health,
+            guards,
+            client_limits: limits.clone(),
+        };
         if let Some(tls) = &tls {
             let checked = tls.clone();
             tasks.spawn(reload_tls(
@@ -180,6 +196,7 @@ impl Gateway {
             policies: parts.policies,
             access_log: parts.access_log,
             telemetry,
+            live,
             running: std::sync::Mutex::new(config.clone()),
             draining,
             drain_delay: config.drain_delay,
@@ -195,9 +212,13 @@ impl Gateway {
 
     /// Applies `next`, the configuration file read again (SIGHUP): new calls
     /// are routed by its routes (services, policies, options, retries,
-    /// timeouts); calls in flight finish as they began. A change to a
-    /// setting that cannot change while running is refused whole, naming
-    /// it, and the running configuration stays. Returns the routes in force.
+    /// timeouts) and held to its limits, retry budgets and outlier rules;
+    /// new connections to its connection limits; the next health-check
+    /// round, guard look and policy install to its settings; the sampling
+    /// ratio changes at once. Calls in flight finish as they began. A
+    /// change to a setting that cannot change while running is refused
+    /// whole, naming it, and the running configuration stays. Returns the
+    /// routes in force.
     pub fn reload(&self, next: Config) -> Result<usize, String> {
         let mut running = self.running.lock().expect("running config");
         let fixed = running.fixed_differences(&next);
@@ -207,11 +228,32 @@ impl Gateway {
                 fixed.join(", ")
             ));
         }
+        // Everything that can fail, before anything changes.
+        let provenance = policy::provenance::Provenance::new(
+            next.policy.allow.clone(),
+            &next.policy.trusted_keys,
+        )
+        .map_err(|e| format!("policy.trusted_keys: {e}; nothing was changed"))?;
         let services = self.proxy.services().clone();
         let router = Router::new(&next.routes, &services, |route| {
             route_policy(&self.policies, route)
         });
         self.proxy.set_router(router);
+        self.proxy.state().set_settings(
+            CallLimits::from(&next.limits),
+            OutlierSettings::from(&next.outlier),
+        );
+        services.set_retry(RetrySettings::from(&next.retry));
+        self.live.client_limits.set(&next.limits);
+        self.live.health.send_replace(health_settings(&next));
+        self.live
+            .guards
+            .send_replace(Guards::from(&next.policy.rollout));
+        let policy_limits = policy::Limits::from(&next.policy);
+        self.policies
+            .engine()
+            .set_live_limits(policy_limits.deadline, policy_limits.max_component_bytes);
+        self.policies.set_provenance(provenance);
         if let (Some(telemetry), Some(tracing)) = (&self.telemetry, &next.tracing) {
             telemetry.sampler().set_ratio(tracing.sample_ratio);
         }
@@ -262,6 +304,26 @@ impl Gateway {
     }
 }
 
+/// Where the parts that follow a configuration reload read their settings.
+struct LiveReceivers {
+    sampler: Option<Sampler>,
+    health: watch::Receiver<Option<HealthCheckSettings>>,
+    guards: watch::Receiver<Guards>,
+}
+
+/// The parts of the running gateway a configuration reload changes
+/// (besides the router).
+struct LiveSenders {
+    health: watch::Sender<Option<HealthCheckSettings>>,
+    guards: watch::Sender<Guards>,
+    client_limits: Arc<conn::ClientLimits>,
+}
+
+/// `[health_check]` as the checks take it: `None` when they are off.
+fn health_settings(config: &Config) -> Option<HealthCheckSettings> {
+    (config.health_check.enabled).then(|| HealthCheckSettings::from(&config.health_check))
+}
+
 /// What the data path is made of.
 struct DataPath {
     table: Arc<ServiceTable>,
@@ -274,7 +336,7 @@ struct DataPath {
 /// tasks (member refresh, health checks) on `tasks`.
 async fn start_data_path(
     config: &Config,
-    sampler: Option<Sampler>,
+    live: LiveReceivers,
     registry: &mut Registry,
     tasks: &TaskTracker,
     background: &CancellationToken,
@@ -323,7 +385,7 @@ async fn start_data_path(
         CallLimits::from(&config.limits),
         config.upstream.name_backends_in_errors,
         access_log.clone(),
-        sampler,
+        live.sampler,
     ));
     let transport = crate::proxy::services::UpstreamTransport {
         tls_by_default: config.upstream.tls.as_ref().is_some_and(|t| t.default),
@@ -339,7 +401,7 @@ async fn start_data_path(
         RetrySettings::from(&config.retry),
         transport,
     ));
-    let policies = start_policies(config, policy_metrics, tasks, background).await?;
+    let policies = start_policies(config, policy_metrics, live.guards, tasks, background).await?;
     let router = Router::new(&config.routes, &services, |route| {
         route_policy(&policies, route)
     });
@@ -358,13 +420,11 @@ async fn start_data_path(
         table.clone(),
         background.clone(),
     ));
-    if config.health_check.enabled {
-        tasks.spawn(health::spawn_health_checks(
-            backends,
-            HealthCheckSettings::from(&config.health_check),
-            background.clone(),
-        ));
-    }
+    tasks.spawn(health::spawn_health_checks(
+        backends,
+        live.health,
+        background.clone(),
+    ));
     Ok(DataPath {
         table,
         proxy,
@@ -427,6 +487,7 @@ async fn keep_members_current(
 async fn start_policies(
     config: &Config,
     metrics: PolicyMetrics,
+    guards: watch::Receiver<Guards>,
     tasks: &TaskTracker,
     background: &CancellationToken,
 ) -> Result<Arc<PolicySet>, StartError> {
@@ -472,7 +533,7 @@ async fn start_policies(
             background.clone(),
         ));
         if config.policy.rollout.enabled {
-            start_rollouts(config, &set, tasks, background);
+            start_rollouts(config, &set, guards, tasks, background);
         }
     }
     for route in &config.routes {
@@ -497,6 +558,7 @@ async fn start_policies(
 fn start_rollouts(
     config: &Config,
     set: &Arc<PolicySet>,
+    guards: watch::Receiver<Guards>,
     tasks: &TaskTracker,
     background: &CancellationToken,
 ) {
@@ -515,7 +577,7 @@ fn start_rollouts(
         etcd.access.clone(),
         prefix.clone(),
         states,
-        policy::rollout::Guards::from(&config.policy.rollout),
+        guards,
         id.clone(),
         background.clone(),
     ));

@@ -124,6 +124,14 @@ impl Backend {
         (next != current).then_some(next)
     }
 
+    /// Health checks stopped: no verdict holds any more.
+    pub fn forget_health(&self) {
+        let mut streak = self.streak.lock().expect("health streak poisoned");
+        *streak = (0, 0);
+        self.health
+            .store(CheckedHealth::Unknown as u8, Ordering::Relaxed);
+    }
+
     /// May calls go here now (not ejected, not failing health checks)?
     pub fn is_usable(&self) -> bool {
         self.health() != CheckedHealth::NotServing && !self.outlier.is_ejected()

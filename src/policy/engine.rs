@@ -64,7 +64,9 @@ pub struct PolicyEngine {
     compiled: std::sync::Mutex<std::collections::VecDeque<(String, Component)>>,
     compiler: CompileThread,
     linker: Linker<HostState>,
-    pub limits: Limits,
+    /// The deadline and the size limit change by a configuration reload;
+    /// the memory and instances stay as the engine was made with.
+    limits: arc_swap::ArcSwap<Limits>,
     pub zone: Option<Arc<str>>,
     ticker: Ticker,
 }
@@ -96,7 +98,7 @@ impl PolicyEngine {
             compiled: Default::default(),
             compiler,
             linker,
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             zone,
             ticker,
         })
@@ -106,6 +108,22 @@ impl PolicyEngine {
         &self.engine
     }
 
+    /// The sandbox limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
+    }
+
+    /// Picks from now on are cut off after `deadline`; components are
+    /// accepted up to `max_component_bytes` (a configuration reload).
+    pub fn set_live_limits(&self, deadline: Duration, max_component_bytes: usize) {
+        let limits = Limits {
+            deadline,
+            max_component_bytes,
+            ..Limits::clone(&self.limits.load())
+        };
+        self.limits.store(Arc::new(limits));
+    }
+
     /// Ticks of the epoch instantiating a policy may take (50 ms).
     pub fn instantiate_ticks(&self) -> u64 {
         (50_000 / TICK.as_micros()) as u64
@@ -113,7 +131,7 @@ impl PolicyEngine {
 
     /// Ticks of the epoch a pick may run for (at least one full `deadline`).
     pub fn deadline_ticks(&self) -> u64 {
-        u64::try_from(self.limits.deadline.as_micros() / TICK.as_micros())
+        u64::try_from(self.limits.load().deadline.as_micros() / TICK.as_micros())
             .unwrap_or(u64::MAX)
             .max(1)
             .saturating_add(1)
@@ -125,10 +143,11 @@ impl PolicyEngine {
     /// the compile thread works: a pathological component delays only its
     /// own install.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
-        if bytes.len() > self.limits.max_component_bytes {
+        let limit = self.limits.load().max_component_bytes;
+        if bytes.len() > limit {
             return Err(PolicyError::TooLarge {
                 size: bytes.len(),
-                limit: self.limits.max_component_bytes,
+                limit,
             });
         }
         let digest = super::version::digest(bytes);

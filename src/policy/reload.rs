@@ -98,7 +98,7 @@ pub fn spawn_dir_watch(
                     );
                     continue;
                 }
-                let limit = set.engine().limits.max_component_bytes as u64;
+                let limit = set.engine().limits().max_component_bytes as u64;
                 if let Ok(meta) = tokio::fs::metadata(&path).await {
                     if meta.len() > limit {
                         let set = set.clone();

@@ -73,7 +73,7 @@ pub fn spawn(
     access: EtcdAccess,
     prefix: String,
     states: watch::Receiver<Published>,
-    guards: Guards,
+    guards: watch::Receiver<Guards>,
     gateway: String,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -270,7 +270,7 @@ async fn prepare(
         }
     };
     let manifest: Manifest = fleet::resolve(client, prefix, name, digest).await?;
-    let limit = set.engine().limits.max_component_bytes as u64;
+    let limit = set.engine().limits().max_component_bytes as u64;
     if manifest.size > limit {
         let cause = format!(
             "{} bytes, over the {limit}-byte limit ([policy] max_size_mib)",
@@ -320,7 +320,7 @@ async fn guard_candidates(
     set: Arc<PolicySet>,
     mut client: Client,
     prefix: String,
-    guards: Guards,
+    guards: watch::Receiver<Guards>,
     gateway: String,
     cancel: CancellationToken,
 ) {
@@ -331,6 +331,8 @@ async fn guard_candidates(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // The guards in force now (a configuration reload changes them).
+        let guards = guards.borrow().clone();
         let now = tokio::time::Instant::now();
         for name in set.names() {
             let Some(candidate) = set.policy(&name).and_then(|p| p.candidate()) else {

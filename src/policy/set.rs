@@ -50,7 +50,8 @@ pub struct PolicySet {
     policies: RwLock<HashMap<Arc<str>, Arc<NamedPolicy>>>,
     metrics: PolicyMetrics,
     dir: Option<PathBuf>,
-    provenance: Provenance,
+    /// Replaced by a configuration reload; judges what is installed after.
+    provenance: arc_swap::ArcSwap<Provenance>,
 }
 
 impl PolicySet {
@@ -60,14 +61,20 @@ impl PolicySet {
             policies: RwLock::new(HashMap::new()),
             metrics,
             dir,
-            provenance: Provenance::default(),
+            provenance: arc_swap::ArcSwap::from_pointee(Provenance::default()),
         }
     }
 
     /// Sets which names may come from etcd and whose signatures count.
-    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
-        self.provenance = provenance;
+    pub fn with_provenance(self, provenance: Provenance) -> Self {
+        self.set_provenance(provenance);
         self
+    }
+
+    /// Judges components installed from now on by `provenance` (those
+    /// serving stay: a reload never takes a working policy away).
+    pub fn set_provenance(&self, provenance: Provenance) {
+        self.provenance.store(Arc::new(provenance));
     }
 
     pub fn engine(&self) -> &Arc<PolicyEngine> {
@@ -109,7 +116,7 @@ impl PolicySet {
     }
 
     pub fn install_file(&self, name: &str, path: &Path) -> Result<Arc<PolicyVersion>, PolicyError> {
-        let limit = self.engine.limits.max_component_bytes;
+        let limit = self.engine.limits().max_component_bytes;
         let bytes = std::fs::metadata(path)
             .and_then(|m| {
                 if m.len() > limit as u64 {
@@ -158,7 +165,7 @@ impl PolicySet {
     /// no state here (the prefix's writers choose names): it is logged and
     /// counted only.
     fn allowed_from_etcd(&self, name: &str, source: &str) -> Result<(), PolicyError> {
-        if self.provenance.allows(name) {
+        if self.provenance.load().allows(name) {
             return Ok(());
         }
         let refusal = Refusal::NotAllowed(name.to_owned());
@@ -179,7 +186,7 @@ impl PolicySet {
     ) -> Result<Arc<PolicyVersion>, PolicyError> {
         self.allowed_from_etcd(name, &source)?;
         let digest = super::version::digest_bytes(bytes);
-        if let Err(refusal) = self.provenance.check(&digest, signature) {
+        if let Err(refusal) = self.provenance.load().check(&digest, signature) {
             self.count_refusal(&refusal);
             return Err(self.failed(name, refusal.into()));
         }
@@ -284,7 +291,7 @@ impl PolicySet {
             }
         }
         let digest = super::version::digest_bytes(bytes);
-        if let Err(refusal) = self.provenance.check(&digest, signature) {
+        if let Err(refusal) = self.provenance.load().check(&digest, signature) {
             self.count_refusal(&refusal);
             return Err(self.failed(name, refusal.into()));
         }
@@ -443,7 +450,7 @@ impl PolicySet {
             .collect();
         serde_json::json!({
             "dir": self.dir.as_ref().map(|d| d.display().to_string()),
-            "limits": { "deadline_us": self.engine.limits.deadline.as_micros() as u64, "memory_bytes": self.engine.limits.memory_bytes },
+            "limits": { "deadline_us": self.engine.limits().deadline.as_micros() as u64, "memory_bytes": self.engine.limits().memory_bytes },
             "policies": policies,
         })
     }

@@ -140,7 +140,7 @@ impl PolicyVersion {
             learns_from_outcomes: compiled.learns_from_outcomes,
             carries_state: compiled.carries_state,
             pre: compiled.pre,
-            instances: (0..engine.limits.instances.max(1))
+            instances: (0..engine.limits().instances.max(1))
                 .map(|_| Instance {
                     live: Mutex::new(None),
                     refilling: AtomicBool::new(false),
@@ -366,7 +366,7 @@ impl PolicyVersion {
     fn instantiate(&self, engine: &PolicyEngine) -> wasmtime::Result<Live> {
         let state = HostState {
             limits: StoreLimitsBuilder::new()
-                .memory_size(engine.limits.memory_bytes)
+                .memory_size(engine.limits().memory_bytes)
                 .instances(16)
                 .trap_on_grow_failure(true)
                 .build(),

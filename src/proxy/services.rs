@@ -30,7 +30,8 @@ pub struct ServiceRuntime {
     pub fallback: RoundRobin,
     /// Retries this service may make: a failing service spends its own
     /// budget, never a healthy one's.
-    pub retry_budget: TpsBudget,
+    /// Replaced (afresh) when a reload changes `[retry]`.
+    pub retry_budget: ArcSwap<TpsBudget>,
     /// Calls the gateway answered without a backend's answer, by code.
     pub unanswered: CodeCounts,
     /// Counts per backend address, shared by that backend's members.
@@ -102,7 +103,7 @@ pub struct ServiceRuntimes {
     map: ArcSwap<HashMap<Arc<str>, Arc<ServiceRuntime>>>,
     writer: Mutex<()>,
     metrics: ProxyMetrics,
-    retry: RetrySettings,
+    retry: Mutex<RetrySettings>,
     transport: UpstreamTransport,
 }
 
@@ -143,9 +144,19 @@ impl ServiceRuntimes {
             map: ArcSwap::from_pointee(HashMap::new()),
             writer: Mutex::new(()),
             metrics,
-            retry,
+            retry: Mutex::new(retry),
             transport,
         }
+    }
+
+    /// Every service's retries are budgeted by `retry` from now on (each
+    /// budget starts afresh).
+    pub fn set_retry(&self, retry: RetrySettings) {
+        let _writer = self.writer.lock().expect("runtimes poisoned");
+        for rt in self.map.load().values() {
+            rt.retry_budget.store(Arc::new(retry.budget()));
+        }
+        *self.retry.lock().expect("retry settings") = retry;
     }
 
     /// True once discovery has loaded a listing or a snapshot.
@@ -183,7 +194,9 @@ impl ServiceRuntimes {
             )),
             slot,
             fallback: RoundRobin::default(),
-            retry_budget: self.retry.budget(),
+            retry_budget: ArcSwap::from_pointee(
+                self.retry.lock().expect("retry settings").budget(),
+            ),
             unanswered: CodeCounts::default(),
             counts: Mutex::new(HashMap::new()),
             latency: self.metrics.call_duration.get_or_create(&label).clone(),

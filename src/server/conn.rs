@@ -26,6 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwap;
+
 use crate::config::LimitsSection;
 use crate::listener::Runtimes;
 use crate::metrics::ClientConnMetrics;
@@ -35,34 +37,54 @@ use crate::upstream::BoxError;
 
 /// The limits of client connections, and what enforcing them records.
 pub(super) struct ClientLimits {
-    pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_age: Option<Duration>,
-    pub max_connections: usize,
-    pub max_concurrent_streams: u32,
-    pub max_header_list_bytes: u32,
+    /// Replaced by a configuration reload: each connection keeps the
+    /// limits it was accepted under; the cap applies at once.
+    settings: ArcSwap<ConnLimits>,
     pub metrics: ClientConnMetrics,
     open: AtomicUsize,
 }
 
-impl ClientLimits {
-    pub fn new(section: &LimitsSection, metrics: ClientConnMetrics) -> Self {
-        ClientLimits {
+/// What one connection is held to.
+pub(super) struct ConnLimits {
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    max_age: Option<Duration>,
+    max_connections: usize,
+    max_concurrent_streams: u32,
+    max_header_list_bytes: u32,
+}
+
+impl From<&LimitsSection> for ConnLimits {
+    fn from(section: &LimitsSection) -> Self {
+        ConnLimits {
             handshake_timeout: section.handshake_timeout,
             idle_timeout: section.idle_timeout,
             max_age: (!section.max_connection_age.is_zero()).then_some(section.max_connection_age),
             max_connections: section.max_connections,
             max_concurrent_streams: section.max_concurrent_streams,
             max_header_list_bytes: section.max_header_list_bytes,
+        }
+    }
+}
+
+impl ClientLimits {
+    pub fn new(section: &LimitsSection, metrics: ClientConnMetrics) -> Self {
+        ClientLimits {
+            settings: ArcSwap::from_pointee(ConnLimits::from(section)),
             metrics,
             open: AtomicUsize::new(0),
         }
     }
 
+    /// Connections accepted from now on are held to `section`.
+    pub fn set(&self, section: &LimitsSection) {
+        self.settings.store(Arc::new(ConnLimits::from(section)));
+    }
+
     /// A place for one more connection, or `None` at the cap.
     fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
-        if before >= self.max_connections {
+        if before >= self.settings.load().max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.metrics.refused.inc();
             return None;
@@ -100,6 +122,7 @@ pub(super) async fn accept(
         // fast connections arrive. Refused ones are closed at once.
         let admitted = limits.admit();
         let limits = limits.clone();
+        let settings = limits.settings.load_full();
         async move {
             let Some(admitted) = admitted else {
                 tracing::debug!(%peer, "connection refused: limits.max_connections open");
@@ -113,15 +136,19 @@ pub(super) async fn accept(
                 }
             };
             let accepted = Instant::now();
-            let handshake_deadline = accepted + limits.handshake_timeout;
+            let handshake_deadline = accepted + settings.handshake_timeout;
+            let held = Held {
+                limits: &limits,
+                settings: &settings,
+            };
             let Some(acceptor) = tls.map(|t| t.acceptor()) else {
-                serve_connection(stream, peer, proxy, &limits, accepted, stop).await;
+                serve_connection(stream, peer, proxy, held, accepted, stop).await;
                 drop(admitted);
                 return;
             };
             match tokio::time::timeout_at(handshake_deadline, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
-                    serve_connection(tls_stream, peer, proxy, &limits, accepted, stop).await
+                    serve_connection(tls_stream, peer, proxy, held, accepted, stop).await
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(%peer, cause = %crate::errors::chain(&err), "TLS handshake failed")
@@ -182,7 +209,7 @@ impl Activity {
     /// a request came, the idle deadline while nothing is open, its age.
     fn next_deadline(
         &self,
-        limits: &ClientLimits,
+        limits: &ConnLimits,
         accepted: Instant,
     ) -> Option<(Instant, &'static str)> {
         let mut due: Option<(Instant, &'static str)> = None;
@@ -204,16 +231,24 @@ impl Activity {
     }
 }
 
+/// The limits a connection is held to, and where it records hitting them.
+#[derive(Clone, Copy)]
+struct Held<'a> {
+    limits: &'a ClientLimits,
+    settings: &'a ConnLimits,
+}
+
 async fn serve_connection<IO>(
     io: IO,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    limits: &ClientLimits,
+    held: Held<'_>,
     accepted: Instant,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Held { limits, settings } = held;
     let activity = Arc::new(Activity {
         open: AtomicUsize::new(0),
         idle_since: Mutex::new(accepted),
@@ -245,8 +280,8 @@ async fn serve_connection<IO>(
         .timer(TokioTimer::new())
         .initial_stream_window_size(256 << 10)
         .initial_connection_window_size(2 << 20)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_list_bytes)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_bytes)
         // Rapid reset: a client that makes the gateway reset or that resets
         // too many streams before they are taken gets GOAWAY.
         .max_pending_accept_reset_streams(20)
@@ -259,7 +294,7 @@ async fn serve_connection<IO>(
         let due = if draining {
             None
         } else {
-            activity.next_deadline(limits, accepted)
+            activity.next_deadline(settings, accepted)
         };
         let sleep = async {
             match due {
@@ -283,7 +318,7 @@ async fn serve_connection<IO>(
             }
             _ = sleep => {
                 // Look again: a stream may have opened since the timer was set.
-                let Some((at, why)) = activity.next_deadline(limits, accepted) else { continue };
+                let Some((at, why)) = activity.next_deadline(settings, accepted) else { continue };
                 if at > Instant::now() {
                     continue;
                 }

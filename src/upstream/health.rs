@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::BodyExt;
 use prost::Message;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
@@ -43,42 +44,65 @@ impl Default for HealthCheckSettings {
     }
 }
 
+/// Probes every live backend each interval, by the settings `settings`
+/// holds now: a change (a configuration reload) applies from the next
+/// round; `None` stops the checks and forgets their verdicts, so no backend
+/// stays out for a check that no longer runs.
 pub fn spawn_health_checks(
     backends: Arc<Backends>,
-    settings: HealthCheckSettings,
+    mut settings: watch::Receiver<Option<HealthCheckSettings>>,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(settings.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let request = Bytes::from(grpc_frame(&HealthCheckRequest {
-            service: settings.service.clone(),
-        }));
         loop {
+            let current = settings.borrow_and_update().clone();
+            let Some(current) = current else {
+                for backend in backends.live() {
+                    backend.forget_health();
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = settings.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            for backend in backends.live() {
-                if backend.check_running.swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                let (settings, request) = (settings.clone(), request.clone());
-                tokio::spawn(async move {
-                    let result = probe(&backend, &settings, request).await;
-                    backend.check_running.store(false, Ordering::Release);
-                    let Some(result) = result else { return };
-                    if let Some(now) = backend.record_check(
-                        result,
-                        settings.healthy_threshold,
-                        settings.unhealthy_threshold,
-                    ) {
-                        tracing::info!(backend = %backend.addr, health = now.as_str(), "backend health changed");
-                    }
-                });
+                changed = settings.changed() => if changed.is_err() { return },
+                _ = check_rounds(&backends, current) => {}
             }
         }
     })
+}
+
+/// Runs health-check rounds every `settings.interval`, forever.
+async fn check_rounds(backends: &Arc<Backends>, settings: HealthCheckSettings) {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let request = Bytes::from(grpc_frame(&HealthCheckRequest {
+        service: settings.service.clone(),
+    }));
+    loop {
+        tick.tick().await;
+        for backend in backends.live() {
+            if backend.check_running.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let (settings, request) = (settings.clone(), request.clone());
+            tokio::spawn(async move {
+                let result = probe(&backend, &settings, request).await;
+                backend.check_running.store(false, Ordering::Release);
+                let Some(result) = result else { return };
+                if let Some(now) = backend.record_check(
+                    result,
+                    settings.healthy_threshold,
+                    settings.unhealthy_threshold,
+                ) {
+                    tracing::info!(backend = %backend.addr, health = now.as_str(), "backend health changed");
+                }
+            });
+        }
+    }
 }
 
 /// One `grpc.health.v1.Health/Check` on the backend's own pool (the same

@@ -733,3 +733,129 @@ async fn sighup_reloads_routes_under_load_and_refuses_what_cannot_change() {
         seen.len()
     );
 }
+
+/// SIGHUP applies more than routes: `[limits]` (a new grpc-timeout clip on
+/// the next call, new stream limits on the next connection) and
+/// `[health_check]` (switched on, the next round runs) take effect without
+/// a restart and without failing a call; engine settings are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_limits_and_health_checks_live_and_refuses_engine_settings() {
+    let etcd = Etcd::start();
+    let (echo, _reg) = crate::support::registered_echo(&etcd, PREFIX, "a").await;
+    let config = |limits: &str, health: bool, memory_mib: u32| {
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nworker_threads = 1\n\
+             [limits]\n{limits}\n\
+             [health_check]\nenabled = {health}\ninterval = \"200ms\"\n\
+             [policy]\nmemory_mib = {memory_mib}\n\
+             [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
+             [[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n",
+            etcd.endpoint(0)
+        )
+    };
+    let gateway = crate::support::process::WeirServe::start(&config(
+        "max_grpc_timeout = \"30s\"\nmax_concurrent_streams = 100",
+        false,
+        16,
+    ));
+    let rewrite = |text: &str| {
+        let path = gateway.config_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let mut c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .unwrap();
+    // The grpc-timeout a backend sees for a 20 s deadline.
+    let seen_timeout = |mut c: EchoClient<tonic::transport::Channel>| async move {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_secs(20));
+        let reply = c.unary(request).await.expect("the call succeeds");
+        let seen = reply.metadata().get("x-seen-grpc-timeout").unwrap();
+        weir::parse_grpc_timeout(&http::HeaderValue::from_str(seen.to_str().unwrap()).unwrap())
+            .unwrap()
+    };
+    let seen = seen_timeout(c.clone()).await;
+    assert!(
+        seen > Duration::from_secs(15),
+        "not clipped at 30 s: {seen:?}"
+    );
+    // The stream limit a new connection is offered.
+    let offered_streams = || async {
+        let tcp = tokio::net::TcpStream::connect(gateway.grpc_addr)
+            .await
+            .unwrap();
+        let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        // SETTINGS arrive with the first exchange: wait for them.
+        crate::support::eventually("the gateway's SETTINGS", Duration::from_secs(10), || {
+            let send = send.clone();
+            async move { send.current_max_send_streams() != usize::MAX }
+        })
+        .await;
+        send = send.ready().await.unwrap();
+        send.current_max_send_streams()
+    };
+    assert_eq!(offered_streams().await, 100);
+    let health = || async {
+        let (_, services) =
+            crate::support::gateway::admin_get(gateway.admin_addr, "/services").await;
+        let services: serde_json::Value = serde_json::from_str(&services).unwrap();
+        services["echo"]["endpoints"][0]["backend"]["health"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(health().await, "unknown", "health checks are off");
+
+    rewrite(&config(
+        "max_grpc_timeout = \"2s\"\nmax_concurrent_streams = 7",
+        true,
+        16,
+    ));
+    gateway.signal("HUP");
+    crate::support::eventually("the reload logged", Duration::from_secs(10), || async {
+        gateway.logged("configuration reloaded").is_some()
+    })
+    .await;
+    let seen = seen_timeout(c.clone()).await;
+    assert!(
+        seen <= Duration::from_secs(2),
+        "clipped to the new 2 s: {seen:?}"
+    );
+    assert_eq!(
+        offered_streams().await,
+        7,
+        "a new connection gets the new limit"
+    );
+    crate::support::eventually("a health check ran", Duration::from_secs(10), || async {
+        health().await == "serving"
+    })
+    .await;
+
+    // The engine's memory is sized at start: refused, by name.
+    rewrite(&config(
+        "max_grpc_timeout = \"30s\"\nmax_concurrent_streams = 100",
+        true,
+        32,
+    ));
+    gateway.signal("HUP");
+    crate::support::eventually(
+        "the memory change refused",
+        Duration::from_secs(10),
+        || async {
+            gateway
+                .logged("policy.memory_mib cannot change while weir runs")
+                .is_some()
+        },
+    )
+    .await;
+    let seen = seen_timeout(c.clone()).await;
+    assert!(
+        seen <= Duration::from_secs(2),
+        "the refused file changed nothing: {seen:?}"
+    );
+    c.unary(EchoRequest::default()).await.unwrap();
+    drop(echo);
+}
