@@ -121,7 +121,7 @@ bench-tools: deps
 
 # The data path under load against HAProxy, Envoy and nginx (README figures);
 # PIN=1 gives every proxy one core (see benches/load.py).
-bench-load: bench-tools policies
+bench-load: bench-tools policies $(PY_ENV)
 	python3 benches/load.py
 
 # A slow reader through weir, HAProxy, Envoy and nginx side by side (README

@@ -12,8 +12,9 @@ client (which reads grpc-status) and the run is void if any call failed.
 
 weir runs four times: with the native round-robin ("weir"), with the
 round-robin and least-conn WebAssembly policies on every call ("weir-wasm-rr",
-"weir-wasm-lc"), and with the native round-robin and the access log on
-("weir-log", a file in the work directory). For every target the proxy's CPU time per call is read from
+"weir-wasm-lc"), and with the native round-robin, the access log on (a file
+in the work directory) and 1 % of calls traced to an OTLP receiver
+(tests/python/otlp_collector.py --quiet, from .venv) ("weir-observed"). For every target the proxy's CPU time per call is read from
 /proc (its processes' utime + stime over the run, divided by the calls), and
 before the runs weir's wake-ups per second while idle (context switches of
 all its threads over 5 s with no traffic).
@@ -251,12 +252,19 @@ def start_targets(work, procs, backend_count=3):
     os.makedirs(wasm, exist_ok=True)
     for name in ("round-robin", "least-conn"):
         shutil.copy(os.path.join(POLICIES, f"{name}.wasm"), os.path.join(wasm, f"wasm-{name}.wasm"))
-    # And once more with the access log on (a file in the work directory).
-    access_log = f'[access_log]\npath = "{os.path.join(work, "access.log")}"\n'
+    # And once more observed: the access log on (a file in the work
+    # directory) and 1 % of calls traced to a receiver that only counts.
+    collector_port = free_port()
+    procs.start("collector", [os.path.join(ROOT, ".venv", "bin", "python"),
+                              os.path.join(ROOT, "tests", "python", "otlp_collector.py"),
+                              "--quiet", "--port", str(collector_port)])
+    wait_port(collector_port, "the OTLP receiver")
+    observed = (f'[access_log]\npath = "{os.path.join(work, "access.log")}"\n'
+                f'[tracing]\notlp_endpoint = "http://127.0.0.1:{collector_port}"\nsample_ratio = 0.01\n')
     for tag, policy, extra in (("weir", "round-robin", ""),
                                ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
                                ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n'),
-                               ("weir-log", "round-robin", access_log)):
+                               ("weir-observed", "round-robin", observed)):
         weir_port, admin = free_port(), free_port()
         toml = os.path.join(work, f"{tag}.toml")
         with open(toml, "w") as f:
@@ -393,9 +401,10 @@ def measure(work, targets, pids):
     if all(t in med for t in ("weir", "weir-wasm-lc", "weir-wasm-rr")):
         print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
               f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
-    if "weir-log" in med and "weir" in med:
-        print(f"weir-log/weir: throughput ratio {med['weir-log']['rps'] / med['weir']['rps']:.2f} "
-              f"(the access log on), CPU ratio {med['weir-log']['cpu_us'] / med['weir']['cpu_us']:.2f}")
+    if "weir-observed" in med and "weir" in med:
+        print(f"weir-observed/weir: throughput ratio {med['weir-observed']['rps'] / med['weir']['rps']:.2f} "
+              f"(the access log on, 1 % of calls traced), "
+              f"CPU ratio {med['weir-observed']['cpu_us'] / med['weir']['cpu_us']:.2f}")
     if "baseline" in med and "weir" in med:
         print(f"weir/baseline: throughput ratio {med['weir']['rps'] / med['baseline']['rps']:.2f}, "
               f"p99 ratio {med['weir']['p99'] / med['baseline']['p99']:.2f}")

@@ -36,6 +36,8 @@ use crate::config::TracingConfig;
 /// The `tracing` target of call and attempt spans: the only spans exported.
 pub const CALL_SPANS: &str = "weir::calls";
 
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// Spans sent to the collector in one request, at most.
 const MAX_BATCH: usize = 512;
 
@@ -128,7 +130,7 @@ impl Sampler {
     /// new trace), or `None`: the call is not traced.
     pub fn sample(&self, headers: &HeaderMap) -> Option<Context> {
         if let Some(flag) = headers
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| sampled_flag(v.as_bytes()))
         {
             let traced = if self.follow_client {

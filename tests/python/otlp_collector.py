@@ -7,9 +7,10 @@ receives (flushed at once):
    "kind" (SERVER, CLIENT, ...), "attributes" {key: value}, "status"
    {"code": UNSET|OK|ERROR, "message"}, "events" [{"name", "attributes"}],
    "service" (the resource's service.name)}
-Runs until SIGTERM.
+With --quiet it prints nothing per span, and the number of spans received
+when it stops (a receiver for load benchmarks). Runs until SIGTERM.
 
-usage: otlp_collector.py [--port N]
+usage: otlp_collector.py [--port N] [--quiet]
 """
 import argparse
 import json
@@ -44,7 +45,15 @@ def attributes(kvs):
 
 
 class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, quiet):
+        self.quiet, self.received = quiet, 0
+
     def Export(self, request, context):
+        if self.quiet:
+            with LOCK:
+                self.received += sum(len(ss.spans) for rs in request.resource_spans
+                                     for ss in rs.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
         lines = []
         for rs in request.resource_spans:
             service = attributes(rs.resource.attributes).get("service.name")
@@ -75,9 +84,11 @@ class Traces(trace_service_pb2_grpc.TraceServiceServicer):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
+    traces = Traces(args.quiet)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(traces, server)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(f"listening on {port}", flush=True)
@@ -85,6 +96,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     done.wait()
     server.stop(1).wait()
+    if args.quiet:
+        print(f"received {traces.received} spans", flush=True)
 
 
 if __name__ == "__main__":
