@@ -368,7 +368,7 @@ impl Proxy {
                 Attempt::Failed(err) | Attempt::NotReached(err) | Attempt::Lost(err),
             ) = (&attempt_span, &attempted)
             {
-                span.failed(&err.to_string());
+                span.failed(&err.attempt_cause());
             }
             let error = match attempted {
                 Attempt::Answered(answered) => return Ok(answered),
@@ -388,7 +388,7 @@ impl Proxy {
             }
             target.service.retries.inc();
             if let Some(span) = &span {
-                span.retrying(&error.to_string());
+                span.retrying(&error.attempt_cause());
             }
         }
     }

@@ -124,6 +124,17 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// What ended the one attempt this error came from, for its span: the
+    /// cause alone where the error carries one, else the whole message.
+    pub fn attempt_cause(&self) -> String {
+        match self {
+            ProxyError::Unreachable { cause, .. } | ProxyError::Upstream { cause, .. } => {
+                cause.clone()
+            }
+            other => other.to_string(),
+        }
+    }
+
     pub fn code(&self) -> u32 {
         match self {
             ProxyError::NotGrpc(_) => INVALID_ARGUMENT,
