@@ -1051,6 +1051,48 @@ mod tests {
     /// zero, a multiplication or shift that overflowed) instead of naming
     /// the key.
     #[test]
+    fn a_reload_may_change_live_settings_but_not_what_was_built_at_start() {
+        let base = "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n";
+        let running = parse(base).unwrap();
+        let differ =
+            |extra: &str| running.fixed_differences(&parse(&format!("{extra}\n{base}")).unwrap());
+        for live in [
+            "[limits]\nmax_grpc_timeout = \"5s\"\nmax_connections = 10",
+            "[retry]\nbudget_percent = 5.0",
+            "[health_check]\nenabled = false",
+            "[outlier]\nconsecutive_failures = 2",
+            "[policy]\ndeadline = \"5ms\"\nallow = [\"a\"]",
+            "[policy.rollout]\nmin_calls = 5",
+        ] {
+            assert!(differ(live).is_empty(), "{live}: {:?}", differ(live));
+        }
+        assert_eq!(differ("[policy]\nmemory_mib = 64"), ["policy.memory_mib"]);
+        assert_eq!(differ("listen = \"127.0.0.1:1\""), ["listen"]);
+        assert_eq!(
+            differ("[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\""),
+            ["tracing"]
+        );
+        // With tracing on, its ratio changes live; its endpoint does not.
+        let traced = parse(&format!(
+            "{base}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n"
+        ))
+        .unwrap();
+        let next = |extra: &str| {
+            parse(&format!(
+                "{base}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        assert!(traced
+            .fixed_differences(&next("sample_ratio = 0.5"))
+            .is_empty());
+        assert_eq!(
+            traced.fixed_differences(&next("service_name = \"edge\"")),
+            ["tracing"]
+        );
+    }
+
+    #[test]
     fn values_that_once_panicked_are_errors_naming_their_key() {
         for (text, key) in [
             ("[health_check]\ninterval = \"0s\"", "health_check.interval"),
@@ -1078,6 +1120,22 @@ mod tests {
                 "upstream.keepalive_interval",
             ),
             ("drain_timeout = \"0s\"", "drain_timeout"),
+            (
+                "[tracing]\notlp_endpoint = \"127.0.0.1:4317\"",
+                "tracing.otlp_endpoint",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 1.5",
+                "tracing.sample_ratio",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nqueue = 0",
+                "tracing.queue",
+            ),
+            (
+                "[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nexport_timeout = \"0s\"",
+                "tracing.export_timeout",
+            ),
         ] {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(key), "{text}: {err}");
