@@ -199,7 +199,8 @@ pub struct AccessLogConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
-    /// The collector's OTLP/gRPC address, e.g. `http://127.0.0.1:4317`.
+    /// The collector's OTLP/gRPC address, e.g. `http://127.0.0.1:4317`
+    /// (cleartext: a collector beside the gateway).
     pub otlp_endpoint: String,
     /// The share of calls without a client `traceparent` that are traced
     /// (0 to 1). Changes live on SIGHUP.
@@ -830,20 +831,20 @@ impl Config {
         }
         if let Some(t) = &self.tracing {
             let endpoint = t.otlp_endpoint.parse::<http::Uri>();
-            let usable = endpoint.as_ref().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http") | Some("https")) && u.authority().is_some()
-            });
+            let usable = endpoint
+                .as_ref()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
             if !usable {
                 return fail(
                     "tracing.otlp_endpoint".into(),
-                    "must be an http:// or https:// address, e.g. http://127.0.0.1:4317",
+                    "must be an http:// address, e.g. http://127.0.0.1:4317 (a collector beside the gateway: TLS to it is not supported yet)",
                 );
             }
             if !(0.0..=1.0).contains(&t.sample_ratio) {
                 return fail("tracing.sample_ratio".into(), "must be between 0 and 1");
             }
-            if !(1..=1 << 20).contains(&t.queue) {
-                return fail("tracing.queue".into(), "must be between 1 and 1048576");
+            if !(1..=1 << 16).contains(&t.queue) {
+                return fail("tracing.queue".into(), "must be between 1 and 65536");
             }
             if t.export_timeout.is_zero() || t.export_timeout > Duration::from_secs(60) {
                 return fail(

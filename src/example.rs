@@ -80,8 +80,9 @@ impl Drop for CallGuard {
 }
 
 /// Request metadata named `x-echo-*` comes back as response metadata, and the
-/// `grpc-timeout` and W3C `traceparent` the instance received as
-/// `x-seen-grpc-timeout` and `x-seen-traceparent`.
+/// `grpc-timeout` and W3C `traceparent` and `tracestate` the instance
+/// received as `x-seen-grpc-timeout`, `x-seen-traceparent` and
+/// `x-seen-tracestate`.
 fn echoed(request: &MetadataMap) -> MetadataMap {
     let mut out = MetadataMap::new();
     if let Some(t) = request.get("grpc-timeout") {
@@ -89,6 +90,9 @@ fn echoed(request: &MetadataMap) -> MetadataMap {
     }
     if let Some(t) = request.get("traceparent") {
         out.insert("x-seen-traceparent", t.clone());
+    }
+    if let Some(t) = request.get("tracestate") {
+        out.insert("x-seen-tracestate", t.clone());
     }
     for kv in request.iter() {
         match kv {

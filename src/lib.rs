@@ -39,6 +39,7 @@ pub(crate) mod proxy;
 pub mod register;
 pub mod server;
 pub mod telemetry;
+pub(crate) mod threads;
 pub mod tls;
 pub mod upstream;
 

@@ -243,12 +243,20 @@ impl Gateway {
             CallLimits::from(&next.limits),
             OutlierSettings::from(&next.outlier),
         );
-        services.set_retry(RetrySettings::from(&next.retry));
+        // A SIGHUP that changed nothing (after a log rotation) must not
+        // start budgets afresh nor a health-check round early.
+        if next.retry != running.retry {
+            services.set_retry(RetrySettings::from(&next.retry));
+        }
         self.live.client_limits.set(&next.limits);
-        self.live.health.send_replace(health_settings(&next));
-        self.live
-            .guards
-            .send_replace(Guards::from(&next.policy.rollout));
+        if next.health_check != running.health_check {
+            self.live.health.send_replace(health_settings(&next));
+        }
+        if next.policy.rollout != running.policy.rollout {
+            self.live
+                .guards
+                .send_replace(Guards::from(&next.policy.rollout));
+        }
         let policy_limits = policy::Limits::from(&next.policy);
         self.policies
             .engine()

@@ -194,10 +194,13 @@ struct HeadersMut<'a>(&'a mut HeaderMap);
 
 impl Injector for HeadersMut<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        let Ok(name) = http::HeaderName::from_bytes(key.as_bytes()) else {
+            return;
+        };
+        if value.is_empty() {
+            // No `tracestate` rather than an empty one.
+            self.0.remove(name);
+        } else if let Ok(value) = http::HeaderValue::from_str(&value) {
             self.0.insert(name, value);
         }
     }
@@ -206,16 +209,8 @@ impl Injector for HeadersMut<'_> {
 /// Installs the process's `tracing` subscriber: log lines on stderr by
 /// `filter` (EnvFilter syntax), and with `telemetry`, call spans to it.
 pub fn init_logs(filter: &str, telemetry: Option<&Telemetry>) -> anyhow::Result<()> {
-    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    // Call spans are for the exporter only: formatting them is wasted work.
-    let filter = EnvFilter::try_new(filter)
-        .context("--log")?
-        .add_directive(format!("{CALL_SPANS}=off").parse().context("--log")?);
-    let output = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(filter);
     let spans = telemetry.map(|t| {
         tracing_opentelemetry::layer()
             .with_tracer(t.tracer())
@@ -227,10 +222,34 @@ pub fn init_logs(filter: &str, telemetry: Option<&Telemetry>) -> anyhow::Result<
             .with_filter(Targets::new().with_target(CALL_SPANS, LevelFilter::INFO))
     });
     tracing_subscriber::registry()
-        .with(output)
+        .with(log_output(filter)?)
         .with(spans)
         .try_init()
         .context("installing the log subscriber")
+}
+
+/// A subscriber with the log output alone, for what happens before
+/// [`init_logs`] can run (reading the file that says whether to trace).
+pub fn early_logs(filter: &str) -> anyhow::Result<impl tracing::Subscriber + Send + Sync> {
+    use tracing_subscriber::prelude::*;
+    Ok(tracing_subscriber::registry().with(log_output(filter)?))
+}
+
+/// Log lines on stderr, by `filter`; never call spans (formatting them
+/// would be wasted work: they are for the exporter).
+fn log_output<S>(filter: &str) -> anyhow::Result<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::EnvFilter;
+    use tracing_subscriber::Layer as _;
+    let filter = EnvFilter::try_new(filter)
+        .context("--log")?
+        .add_directive(format!("{CALL_SPANS}=off").parse().context("--log")?);
+    Ok(tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -283,6 +302,7 @@ impl ExportQueue {
         std::thread::Builder::new()
             .name("weir-trace-export".into())
             .spawn(move || {
+                crate::threads::lower_priority("span export");
                 exporter.run(receiver);
                 let _ = stop_signal.send(());
             })
@@ -301,9 +321,9 @@ impl SpanProcessor for ExportQueue {
     fn on_end(&self, span: SpanData) {
         match self.sender.try_send(Some(span)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.dropped("queue_full", 1);
-            }
+            Err(TrySendError::Full(_)) => self.metrics.dropped("queue_full", 1),
+            // The export thread has stopped (a shutdown): nothing sends it.
+            Err(TrySendError::Disconnected(_)) => self.metrics.dropped("export_failed", 1),
         }
     }
 
@@ -312,10 +332,25 @@ impl SpanProcessor for ExportQueue {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        // Behind every span already queued; waits for room if it must.
-        let _ = self.sender.send(None);
+        // Behind every span already queued; waits for room, within `timeout`
+        // (a hung collector holds the export thread, never the shutdown).
+        let until = Instant::now() + timeout;
+        let mut mark = None;
+        loop {
+            match self.sender.try_send(mark.take().flatten()) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(back)) => {
+                    if Instant::now() >= until {
+                        return Err(OTelSdkError::Timeout(timeout));
+                    }
+                    mark = Some(back);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
         let stopped = self.stopped.lock().expect("export queue").take();
-        match stopped.map(|s| s.recv_timeout(timeout)) {
+        match stopped.map(|s| s.recv_timeout(left)) {
             None | Some(Ok(())) | Some(Err(RecvTimeoutError::Disconnected)) => Ok(()),
             Some(Err(RecvTimeoutError::Timeout)) => Err(OTelSdkError::Timeout(timeout)),
         }
@@ -333,6 +368,12 @@ struct Exporter {
 
 impl Exporter {
     fn run(mut self, receiver: Receiver<Message>) {
+        // Built when the first span comes: by then the log subscriber is
+        // installed (spans come through it), so a failure here is heard.
+        let first = match receiver.recv() {
+            Ok(Some(span)) => span,
+            Ok(None) | Err(_) => return,
+        };
         // The OTLP exporter is a tonic client: it needs a runtime, and this
         // thread's own keeps its connection off the data threads.
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -355,11 +396,14 @@ impl Exporter {
         };
         exporter.set_resource(&self.resource);
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        batch.push(first);
         let mut stop = false;
         while !stop {
-            match receiver.recv() {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => stop = true,
+            if batch.is_empty() {
+                match receiver.recv() {
+                    Ok(Some(span)) => batch.push(span),
+                    Ok(None) | Err(_) => stop = true,
+                }
             }
             let until = Instant::now() + BATCH_DELAY;
             while !stop && !batch.is_empty() && batch.len() < MAX_BATCH {
@@ -385,12 +429,14 @@ impl Exporter {
         }
     }
 
-    /// No exporter: every span that comes is dropped (and counted).
+    /// No exporter: every span that comes is dropped (and counted), the
+    /// first one included.
     fn give_up(mut self, receiver: Receiver<Message>, why: &str) {
         self.warn(&format!(
             "cannot export to {}: {why}; spans are dropped",
             self.endpoint
         ));
+        self.metrics.dropped("export_failed", 1);
         while let Ok(Some(_)) = receiver.recv() {
             self.metrics.dropped("export_failed", 1);
         }

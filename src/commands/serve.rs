@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::server::Gateway;
-use crate::telemetry::{init_logs, Telemetry};
+use crate::telemetry::{early_logs, init_logs, Telemetry};
 
 /// Runs the gateway configured by the file at `config_path`; `log` is the
 /// log filter (EnvFilter syntax).
@@ -18,7 +18,9 @@ pub async fn run(config_path: &Path, log: &str) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let config = Config::load(config_path)?;
+    // Read under a log subscriber of its own: whether calls are traced (the
+    // global subscriber's make-up) is in the file, and its warnings count.
+    let config = tracing::subscriber::with_default(early_logs(log)?, || Config::load(config_path))?;
     let telemetry = match &config.tracing {
         Some(tracing) => Some(Telemetry::start(tracing).context("starting [tracing]")?),
         None => None,

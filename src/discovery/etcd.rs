@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
@@ -456,10 +457,15 @@ pub async fn follow<F: Follower>(
     let excluded = excluded.as_deref();
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut why_unpositioned = Relist::Start;
+    // The highest store revision etcd has shown this follower (probes and
+    // every watch response, progress answers included): a reconnect to a
+    // history below it is a wiped or restored etcd, even when the new
+    // history has already passed the last event under `prefix`.
+    let seen = AtomicI64::new(0);
     loop {
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
-            ended = session(client.clone(), prefix, excluded, settings, follower, why_unpositioned, &mut backoff) => ended,
+            ended = session(client.clone(), prefix, excluded, settings, follower, why_unpositioned, &mut backoff, &seen) => ended,
         };
         let err = match ended {
             Ok(never) => match never {},
@@ -483,6 +489,7 @@ pub async fn follow<F: Follower>(
 }
 
 /// One session: resume or list, then follow the watch until it fails.
+#[allow(clippy::too_many_arguments)]
 async fn session<F: Follower>(
     mut client: Client,
     prefix: &str,
@@ -491,6 +498,7 @@ async fn session<F: Follower>(
     follower: &F,
     why_unpositioned: Relist,
     backoff: &mut Backoff,
+    seen: &AtomicI64,
 ) -> Result<Never, WatchError> {
     let start = resume_or_list(
         &mut client,
@@ -499,6 +507,7 @@ async fn session<F: Follower>(
         settings,
         follower,
         why_unpositioned,
+        seen,
     )
     .await?;
     let options = WatchOptions::new()
@@ -522,6 +531,7 @@ async fn session<F: Follower>(
         excluded,
         settings.progress_interval,
         follower,
+        seen,
     )
     .await
 }
@@ -536,12 +546,17 @@ async fn resume_or_list<F: Follower>(
     settings: FollowSettings,
     follower: &F,
     why_unpositioned: Relist,
+    seen: &AtomicI64,
 ) -> Result<i64, WatchError> {
     let now = probe(client, prefix, settings.request_timeout).await?;
+    // A probe is a linearizable read: never below a revision the cluster
+    // has shown, unless the history is another one.
+    let shown = seen.swap(now.revision, Ordering::Relaxed);
     let reason = match follower.position() {
         Some(at) if at.cluster_id != now.cluster_id => Relist::ClusterChanged,
-        Some(at) if at.revision > now.revision => Relist::RevisionBackwards,
+        Some(at) if at.revision.max(shown) > now.revision => Relist::RevisionBackwards,
         Some(at) => return Ok(at.revision + 1),
+        None if shown > now.revision => Relist::RevisionBackwards,
         None => why_unpositioned,
     };
     let listed = match excluded {
@@ -615,6 +630,7 @@ async fn watch_events<F: Follower>(
     excluded: Option<&str>,
     progress_interval: Duration,
     follower: &F,
+    seen: &AtomicI64,
 ) -> Result<Never, WatchError> {
     let (mut requests, mut responses) = stream.split();
     let mut ask = tokio::time::interval(progress_interval);
@@ -652,6 +668,7 @@ async fn watch_events<F: Follower>(
         let Some(header) = resp.header() else {
             return Err(WatchError::NoHeader);
         };
+        seen.fetch_max(header.revision(), Ordering::Relaxed);
         let cluster_id = header.cluster_id();
         let events = resp.events();
         if events.is_empty() {

@@ -5,7 +5,7 @@
 //! thresholds. A backend without a health service (UNIMPLEMENTED) stays
 //! `unknown`, which does not keep calls away.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,8 +54,12 @@ pub fn spawn_health_checks(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Counts settings: a probe started under older ones records nothing
+        // (checks switched off must leave no verdict behind).
+        let era = Arc::new(AtomicU64::new(0));
         loop {
             let current = settings.borrow_and_update().clone();
+            let this_era = era.fetch_add(1, Ordering::AcqRel) + 1;
             let Some(current) = current else {
                 for backend in backends.live() {
                     backend.forget_health();
@@ -69,14 +73,19 @@ pub fn spawn_health_checks(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = settings.changed() => if changed.is_err() { return },
-                _ = check_rounds(&backends, current) => {}
+                _ = check_rounds(&backends, current, (era.clone(), this_era)) => {}
             }
         }
     })
 }
 
-/// Runs health-check rounds every `settings.interval`, forever.
-async fn check_rounds(backends: &Arc<Backends>, settings: HealthCheckSettings) {
+/// Runs health-check rounds every `settings.interval`, forever; results
+/// are recorded only while `era` is still the one they were started in.
+async fn check_rounds(
+    backends: &Arc<Backends>,
+    settings: HealthCheckSettings,
+    (era, this_era): (Arc<AtomicU64>, u64),
+) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let request = Bytes::from(grpc_frame(&HealthCheckRequest {
@@ -88,11 +97,14 @@ async fn check_rounds(backends: &Arc<Backends>, settings: HealthCheckSettings) {
             if backend.check_running.swap(true, Ordering::AcqRel) {
                 continue;
             }
-            let (settings, request) = (settings.clone(), request.clone());
+            let (settings, request, era) = (settings.clone(), request.clone(), era.clone());
             tokio::spawn(async move {
                 let result = probe(&backend, &settings, request).await;
                 backend.check_running.store(false, Ordering::Release);
                 let Some(result) = result else { return };
+                if era.load(Ordering::Acquire) != this_era {
+                    return; // the settings changed while it ran
+                }
                 if let Some(now) = backend.record_check(
                     result,
                     settings.healthy_threshold,

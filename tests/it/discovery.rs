@@ -560,3 +560,49 @@ async fn leases_polled_too_rarely_read_unknown_and_lease_aware_drains_none() {
         "lease-aware drained none: {picked:?}"
     );
 }
+
+/// A wiped etcd whose new history has already passed the last event the
+/// watch applied (other keys were written first) is still another history:
+/// the follower re-lists (a resume would keep keys the wipe removed),
+/// because it compares with the highest revision etcd ever showed it (its
+/// progress answers), not only with its last event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_etcd_is_noticed_when_its_new_history_passed_the_last_event() {
+    let mut etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    c.put(key("echo", "127.0.0.1:1"), "", None).await.unwrap();
+    let mut config = EtcdConfig::new(etcd.endpoints(), PREFIX);
+    config.follow.progress_interval = Duration::from_millis(200);
+    // Long enough for the new history to move on before the watch is back.
+    config.follow.backoff_min = Duration::from_secs(3);
+    config.follow.backoff_max = Duration::from_secs(3);
+    let d = Discovery::start_with(config).await;
+    d.wait("the first endpoint", |t| {
+        addrs(t, "echo") == ["127.0.0.1:1"]
+    })
+    .await;
+    for i in 0..30 {
+        c.put(format!("/elsewhere/{i}"), "x", None).await.unwrap();
+    }
+    // Heard after the writes: a progress answer, whose header shows them.
+    let written = Instant::now();
+    d.wait("a progress answer after the writes", |t| {
+        t.since_heard()
+            .is_some_and(|since| since + Duration::from_millis(20) < written.elapsed())
+    })
+    .await;
+
+    etcd.wipe_and_restart();
+    let mut c = client(&etcd).await;
+    for i in 0..5 {
+        c.put(format!("/elsewhere/{i}"), "x", None).await.unwrap();
+    }
+    c.put(key("echo", "127.0.0.1:2"), "", None).await.unwrap();
+    d.wait_for(
+        "only what the new history holds",
+        Duration::from_secs(20),
+        |t| addrs(t, "echo") == ["127.0.0.1:2"],
+    )
+    .await;
+    assert_eq!(count(&d.metrics.resyncs, "revision_backwards"), 1);
+}

@@ -511,15 +511,17 @@ mod through_the_gateway {
         let before = std::fs::read(policy_file("round-robin")).unwrap();
         let after = std::fs::read(policy_file("least-conn")).unwrap();
         let mut etcd = client(&env.etcd).await;
-        etcd.put(format!("{PREFIX}/_policies/wiped"), before.clone(), None)
-            .await
-            .unwrap();
-        // Move the revision well past what the fresh etcd will reach.
+        // Move the revision well past what the fresh etcd will reach (the
+        // gateway's own fleet report writes to it too), then the policy at
+        // the top of that history.
         for i in 0..30 {
             etcd.put(format!("/elsewhere/{i}"), "x", None)
                 .await
                 .unwrap();
         }
+        etcd.put(format!("{PREFIX}/_policies/wiped"), before.clone(), None)
+            .await
+            .unwrap();
         let policies = env.gateway().policies.clone();
         let serving = |want: String| serving_digest(&policies, "wiped", want);
         eventually(

@@ -7,15 +7,8 @@ use std::path::{Path, PathBuf};
 /// lower layer only: never from its own layer (that would let two modules
 /// lean on each other) and never from a higher one.
 const LAYERS: &[&[&str]] = &[
-    &[
-        "config",
-        "metrics",
-        "errors",
-        "tls",
-        "listener",
-        "access_log",
-    ],
-    &["discovery", "upstream", "telemetry"],
+    &["config", "metrics", "errors", "tls", "listener", "threads"],
+    &["discovery", "upstream", "telemetry", "access_log"],
     &["members"],
     &["balance"],
     &["policy", "proxy", "register"],

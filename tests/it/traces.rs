@@ -216,6 +216,14 @@ async fn every_call_is_a_server_span_with_its_attempts_and_continues_the_clients
         .to_owned();
     let (seen_trace, seen_parent) = ids(&seen);
     assert_eq!(seen_trace, client_trace, "the client's trace goes on");
+    assert_eq!(
+        reply
+            .metadata()
+            .get("x-seen-tracestate")
+            .map(|v| v.to_str().unwrap()),
+        Some("vendor=opaque"),
+        "the client's tracestate goes on"
+    );
     crate::support::eventually(
         "the traced call's spans at the receiver",
         Duration::from_secs(30),
@@ -258,6 +266,10 @@ async fn every_call_is_a_server_span_with_its_attempts_and_continues_the_clients
         reply.metadata().get("x-seen-traceparent").unwrap(),
         unsampled.as_str()
     );
+    // Traced calls without a tracestate send none (not an empty one).
+    let reply = c.unary(EchoRequest::default()).await.unwrap();
+    assert!(reply.metadata().get("x-seen-traceparent").is_some());
+    assert!(reply.metadata().get("x-seen-tracestate").is_none());
     // Every span sent so far is at the receiver (`exported` counts them).
     let exported = || async {
         let (_, metrics) = crate::support::gateway::admin_get(gateway.admin_addr, "/metrics").await;
