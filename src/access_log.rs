@@ -166,7 +166,6 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("weir-access-log".into())
             .spawn(move || {
-                crate::threads::lower_priority("access log writer");
                 writer.run();
                 let _ = stop_signal.send(());
             })?;

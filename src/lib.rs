@@ -39,7 +39,6 @@ pub(crate) mod proxy;
 pub mod register;
 pub mod server;
 pub mod telemetry;
-pub(crate) mod threads;
 pub mod tls;
 pub mod upstream;
 

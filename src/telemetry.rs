@@ -302,7 +302,6 @@ impl ExportQueue {
         std::thread::Builder::new()
             .name("weir-trace-export".into())
             .spawn(move || {
-                crate::threads::lower_priority("span export");
                 exporter.run(receiver);
                 let _ = stop_signal.send(());
             })

@@ -248,7 +248,7 @@ impl CompileThread {
         std::thread::Builder::new()
             .name("weir-policy-compile".into())
             .spawn(move || {
-                crate::threads::lower_priority("policy compile");
+                lower_priority();
                 for (bytes, reply) in incoming {
                     let compiled = Component::new(&engine, &bytes)
                         .map_err(|e| compile_error(&format!("{e:#}")));
@@ -283,6 +283,33 @@ fn compile_error(message: &str) -> PolicyError {
             needs_mib: bytes.div_ceil(1 << 20),
         },
         None => PolicyError::Invalid(one_line(message)),
+    }
+}
+
+/// Niceness 10: against one busy runtime worker the compile gets about a
+/// tenth of a core (CFS weights 110 : 1024), so calls keep their CPU, yet an
+/// install on a saturated gateway still finishes (at niceness 19 a 30 ms
+/// compile took seconds while the test suite loaded both cores). Failing to
+/// lower it is logged, never fatal.
+fn lower_priority() {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    // The crate maps 0..=99 onto niceness 19..=-20 (rounding down): 22
+    // is niceness 10, which the unit test below reads back from /proc.
+    let lower = thread_priority::ThreadPriorityValue::try_from(22u8)
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|p| {
+            set_thread_priority_and_policy(
+                thread_native_id(),
+                thread_priority::ThreadPriority::Crossplatform(p),
+                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
+            )
+            .map_err(|e| format!("{e:?}"))
+        });
+    if let Err(e) = lower {
+        tracing::warn!(error = %e, "cannot lower the policy compile thread's priority");
     }
 }
 

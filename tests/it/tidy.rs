@@ -7,8 +7,15 @@ use std::path::{Path, PathBuf};
 /// lower layer only: never from its own layer (that would let two modules
 /// lean on each other) and never from a higher one.
 const LAYERS: &[&[&str]] = &[
-    &["config", "metrics", "errors", "tls", "listener", "threads"],
-    &["discovery", "upstream", "telemetry", "access_log"],
+    &[
+        "config",
+        "metrics",
+        "errors",
+        "tls",
+        "listener",
+        "access_log",
+    ],
+    &["discovery", "upstream", "telemetry"],
     &["members"],
     &["balance"],
     &["policy", "proxy", "register"],
