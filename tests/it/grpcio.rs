@@ -31,12 +31,7 @@ struct GrpcioBackend {
 impl GrpcioBackend {
     async fn start(env: &Env, service: &str, name: &str, args: &[&str]) -> GrpcioBackend {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join(".venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: `make test` creates it",
-            python.display()
-        );
+        let python = crate::support::venv_python();
         let mut child = Command::new(python)
             .arg(root.join("tests/python/echo_server.py"))
             .arg(root.join("proto"))

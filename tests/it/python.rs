@@ -42,8 +42,7 @@ async fn python_grpcio_calls_every_kind_over_mtls() {
 /// every check.
 async fn run_client(env: &Env, tls: &[std::path::PathBuf]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: `make test` creates it (python3 -m venv .venv; pip install grpcio grpcio-tools)", python.display());
+    let python = crate::support::venv_python();
     let target = env.gateway().grpc_addr.to_string();
     let tls = tls.to_vec();
     let out = tokio::task::spawn_blocking(move || {

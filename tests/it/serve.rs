@@ -611,12 +611,7 @@ async fn sighup_reloads_routes_under_load_and_refuses_what_cannot_change() {
     };
     let gateway =
         crate::support::process::WeirServe::start(&config("127.0.0.1:0", "echo", "round-robin"));
-    let rewrite = |text: &str| {
-        let path = gateway.config_path();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    };
+    let rewrite = |text: &str| gateway.rewrite_config(text);
     let c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
         .await
         .unwrap();
@@ -758,12 +753,7 @@ async fn sighup_applies_limits_and_health_checks_live_and_refuses_engine_setting
         false,
         16,
     ));
-    let rewrite = |text: &str| {
-        let path = gateway.config_path();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    };
+    let rewrite = |text: &str| gateway.rewrite_config(text);
     let mut c = EchoClient::connect(format!("http://{}", gateway.grpc_addr))
         .await
         .unwrap();

@@ -109,6 +109,18 @@ pub async fn registered_echo(
     (echo, reg)
 }
 
+/// The Python of the `.venv` that `make test` makes (grpcio, grpcio-tools,
+/// opentelemetry-proto): the peers nobody here wrote run on it.
+pub fn venv_python() -> std::path::PathBuf {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: `make test` creates it (python3 -m venv .venv; pip install grpcio grpcio-tools opentelemetry-proto)",
+        python.display()
+    );
+    python
+}
+
 /// Polls an async condition every 20 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where

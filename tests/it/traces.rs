@@ -27,12 +27,7 @@ struct Collector {
 impl Collector {
     fn start() -> Collector {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join(".venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: `make test` creates it",
-            python.display()
-        );
+        let python = crate::support::venv_python();
         let mut child = Command::new(python)
             .arg(root.join("tests/python/otlp_collector.py"))
             .stdout(Stdio::piped())

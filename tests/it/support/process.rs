@@ -81,6 +81,15 @@ impl WeirServe {
         self._dir.path().join("weir.toml")
     }
 
+    /// Replaces its configuration file with `text` at once (written beside
+    /// it, then renamed over it), ready for a SIGHUP.
+    pub fn rewrite_config(&self, text: &str) {
+        let path = self.config_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
     /// Sends the process `signal` (`"HUP"`, `"TERM"`).
     pub fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
