@@ -22,6 +22,10 @@ all its threads over 5 s with no traffic).
 PIN=1 gives every proxy one core: the proxies and the backends on CPU 1,
 h2load on CPU 0, one worker per proxy (THREADS=1).
 
+REVERSE_START=1 starts the weir gateways in the opposite order (the
+observed one first): a ratio measured once each way, and their geometric
+mean, does not favour whichever gateway was started first.
+
 Everything listens on 127.0.0.1; every run is bounded in time.
 Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
 PIN (0), WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
@@ -53,6 +57,7 @@ SECONDS = int(os.environ.get("SECONDS", 10))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", 50))
 STREAMS = int(os.environ.get("STREAMS", 10))
 PIN = os.environ.get("PIN", "0") == "1"
+REVERSE_START = os.environ.get("REVERSE_START", "0") == "1"
 THREADS = int(os.environ.get("THREADS", 1 if PIN else 2))
 PATH = "/weir.example.v1.Echo/Unary"
 POLICIES = os.path.join(ROOT, "build", "policies")
@@ -261,10 +266,15 @@ def start_targets(work, procs, backend_count=3):
     wait_port(collector_port, "the OTLP receiver")
     observed = (f'[access_log]\npath = "{os.path.join(work, "access.log")}"\n'
                 f'[tracing]\notlp_endpoint = "http://127.0.0.1:{collector_port}"\nsample_ratio = 0.01\n')
-    for tag, policy, extra in (("weir", "round-robin", ""),
-                               ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
-                               ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n'),
-                               ("weir-observed", "round-robin", observed)):
+    variants = [("weir", "round-robin", ""),
+                ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
+                ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n'),
+                ("weir-observed", "round-robin", observed)]
+    if REVERSE_START:
+        # The same gateways started (and first measured) in the other order:
+        # the position of a process in the run is not free of effects.
+        variants.reverse()
+    for tag, policy, extra in variants:
         weir_port, admin = free_port(), free_port()
         toml = os.path.join(work, f"{tag}.toml")
         with open(toml, "w") as f:
