@@ -147,7 +147,7 @@ impl Sampler {
         self.ratio.store(ratio.to_bits(), Ordering::Relaxed);
     }
 
-    pub fn ratio(&self) -> f64 {
+    fn ratio(&self) -> f64 {
         f64::from_bits(self.ratio.load(Ordering::Relaxed))
     }
 

@@ -169,7 +169,7 @@ impl ClientTls {
 }
 
 /// The host of `host:port` (`[v6]:port` too).
-fn host_of(addr: &str) -> &str {
+pub fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     host.trim_start_matches('[').trim_end_matches(']')
 }

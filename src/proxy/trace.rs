@@ -12,6 +12,7 @@ use opentelemetry::KeyValue;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::telemetry::{inject, CALL_SPANS};
+use crate::tls::host_of;
 
 use super::router::split_path;
 use super::status;
@@ -40,12 +41,12 @@ impl CallSpan {
     /// Starts the span of a call to `path` from `client`, as a child of
     /// `parent` (the client's `traceparent`; an empty context starts a trace).
     pub fn start(parent: opentelemetry::Context, path: &str, client: SocketAddr) -> CallSpan {
-        let (service, method) = split_path(path).unwrap_or(("", ""));
+        let (name, service, method) = rpc_names(path);
         let span = tracing::info_span!(
             target: CALL_SPANS,
             parent: None,
             "call",
-            otel.name = path.strip_prefix('/').unwrap_or(path),
+            otel.name = name,
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = service,
@@ -63,19 +64,19 @@ impl CallSpan {
     /// Starts the span of the call's `number`th attempt (from 1) to `path`
     /// on `backend`.
     pub fn attempt(&self, number: u32, path: &str, backend: &str) -> AttemptSpan {
-        let (service, method) = split_path(path).unwrap_or(("", ""));
+        let (name, service, method) = rpc_names(path);
         let span = tracing::info_span!(
             target: CALL_SPANS,
             parent: &self.span,
             "attempt",
-            otel.name = path.strip_prefix('/').unwrap_or(path),
+            otel.name = name,
             otel.kind = "client",
             rpc.system = "grpc",
             rpc.service = service,
             rpc.method = method,
         );
         span.set_attribute("weir.attempt", i64::from(number));
-        span.set_attribute("server.address", backend_host(backend).to_owned());
+        span.set_attribute("server.address", host_of(backend).to_owned());
         if let Some(port) = backend_port(backend) {
             span.set_attribute("server.port", i64::from(port));
         }
@@ -151,10 +152,11 @@ impl AttemptSpan {
     }
 }
 
-/// The host of a `host:port` address (brackets of an IPv6 one removed).
-fn backend_host(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
+/// A span's name (`package.Service/Method`, the RPC conventions'), and the
+/// service and method of `path`.
+fn rpc_names(path: &str) -> (&str, &str, &str) {
+    let (service, method) = split_path(path).unwrap_or(("", ""));
+    (path.strip_prefix('/').unwrap_or(path), service, method)
 }
 
 fn backend_port(addr: &str) -> Option<u16> {
