@@ -385,7 +385,8 @@ pub struct OutlierSection {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// A gRPC path prefix (`/pkg.Service/`) or a full method path (`/pkg.Service/Method`).
+    /// A gRPC path prefix (`/pkg.Service/`), a full method path
+    /// (`/pkg.Service/Method`), or `/`: every call no other route matches.
     #[serde(rename = "match")]
     pub path: String,
     /// The etcd service name.
@@ -419,6 +420,25 @@ pub struct RouteConfig {
     /// TLS to this route's backends, overriding `[upstream.tls] default`.
     #[serde(default)]
     pub upstream_tls: Option<bool>,
+}
+
+impl RouteConfig {
+    /// A route of `path` to `service` with every other setting at its default.
+    pub fn new(path: &str, service: &str) -> RouteConfig {
+        RouteConfig {
+            path: path.to_owned(),
+            service: service.to_owned(),
+            policy: defaults::policy(),
+            retries: defaults::retries(),
+            idempotent: false,
+            options: Default::default(),
+            max_duration: None,
+            stream_idle_timeout: None,
+            hide_headers: Vec::new(),
+            expose_headers: Vec::new(),
+            upstream_tls: None,
+        }
+    }
 }
 
 mod defaults {
@@ -651,14 +671,19 @@ impl Config {
                 key: e.path().to_string(),
                 message: e.inner().message().to_owned(),
             })?;
-        config
-            .check()
+        config.checked(path)
+    }
+
+    /// `self`, if its settings hold together (what [`Config::parse`]
+    /// checks of a file); `origin` names where it came from in errors.
+    pub fn checked(self, origin: &Path) -> Result<Config, ConfigError> {
+        self.check()
             .map_err(|(key, message)| ConfigError::Invalid {
-                path: path.to_owned(),
+                path: origin.to_owned(),
                 key,
                 message,
             })?;
-        Ok(config)
+        Ok(self)
     }
 
     /// Whether calls on `route` reach their backends over TLS.
@@ -951,11 +976,14 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");
             let segments: Vec<&str> = route.path.split('/').collect();
-            // "/pkg.Service/" or "/pkg.Service/Method"
-            if !route.path.starts_with('/') || segments.len() != 3 || segments[1].is_empty() {
+            // "/" (every call), "/pkg.Service/" or "/pkg.Service/Method"
+            let every_call = route.path == "/";
+            if !every_call
+                && (!route.path.starts_with('/') || segments.len() != 3 || segments[1].is_empty())
+            {
                 return fail(
                     key("match"),
-                    "must be `/pkg.Service/` or `/pkg.Service/Method`",
+                    "must be `/`, `/pkg.Service/` or `/pkg.Service/Method`",
                 );
             }
             if route.service.is_empty() || route.service.starts_with('_') {

@@ -8,6 +8,10 @@
 //!   hot path reads without waiting.
 //! - [`register`]: the registration agent (`weir register`, and a library API
 //!   for servers that register themselves).
+//! - [`data_path`]: the core both faces share — discovery, backends,
+//!   policies and the proxy, built from a [`Config`].
+//! - [`client`]: client-side mode — that core behind a tower `Service` any
+//!   tonic client takes, in-process.
 //! - [`server`]: `weir serve` — wires everything behind the gRPC listener
 //!   ([`tls`] optional) and the [`admin`] listener; drains on shutdown.
 //! - [`proxy`]: the hot path of one call: route, pick, forward, retry.
@@ -25,8 +29,10 @@
 pub(crate) mod access_log;
 pub(crate) mod admin;
 pub mod balance;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod data_path;
 pub mod discovery;
 pub(crate) mod errors;
 #[cfg(feature = "testkit")]
@@ -47,6 +53,7 @@ pub mod testkit;
 
 // What the binary, tests, benches and examples reach for most.
 pub use config::Config;
+pub use proxy::status::name as grpc_status_name;
 pub use proxy::timeout::parse as parse_grpc_timeout;
 pub use register::{KeyFormat, Registration, RegistrationSpec};
 pub use server::Gateway;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use check::synthetic_members;
 pub use engine::{Limits, PolicyEngine};
-pub use set::{NamedPolicy, PolicySet, WasmBalancer};
+pub use set::{policy_name, NamedPolicy, PolicySet, WasmBalancer};
 pub use version::{digest, Fault, PolicyVersion, REVERT_AFTER, REVERT_AFTER_DEADLINES};
 
 #[derive(Debug, thiserror::Error)]

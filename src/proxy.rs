@@ -31,7 +31,9 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::balance::{Balancer, HiddenHeaders, PickContext, RouteOptions};
 use crate::members::{CodeCounts, Member, Members};
 use crate::metrics::{encode_counters, CallLabels, ProxyMetrics, ServiceLabel};
-use crate::upstream::{h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody};
+use crate::upstream::{
+    h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody, RequestBody,
+};
 
 use body::{Idle, Observed, ResponseBody};
 use call::{AttemptRecord, CallRecord, Learner};
@@ -267,7 +269,7 @@ impl Proxy {
     /// and every call is counted (and logged) once, when it ends.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: SocketAddr,
     ) -> Response<ResponseBody> {
         let mut call = CallRecord::start(self.state.clone(), Instant::now());
@@ -288,7 +290,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         call: &mut CallRecord,
     ) -> Result<Answered, ProxyError> {
         let (mut parts, body) = req.into_parts();

@@ -25,7 +25,7 @@ pub use health::HealthCheckSettings;
 pub use load::Load;
 pub use outlier::{Outlier, OutlierSettings, OutlierVerdict};
 pub use pool::{h2_error, Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit};
-pub use replay::{BoxError, ReplayBody};
+pub use replay::{BoxError, ReplayBody, RequestBody};
 
 /// What active health checks last concluded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use crate::listener::Runtimes;
 use crate::metrics::ClientConnMetrics;
 use crate::proxy::body::ResponseBody;
 use crate::proxy::Proxy;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, RequestBody};
 
 /// The limits of client connections, and what enforcing them records.
 pub(super) struct ClientLimits {
@@ -268,7 +268,7 @@ async fn serve_connection<IO>(
             // Boxed: the call's future is large (routing, retries, the
             // policy pick, the upstream exchange) and hyper moves the stream's
             // future into its task; a box moves as a pointer.
-            let response = Box::pin(proxy.handle(req, peer)).await;
+            let response = Box::pin(proxy.handle(req.map(RequestBody::from), peer)).await;
             stream.answered = true;
             Ok::<_, Infallible>(response.map(|body| Tracked {
                 inner: body,

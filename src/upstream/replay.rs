@@ -8,6 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 /// How much of a request is kept so a call that never reached its backend
@@ -17,9 +19,66 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A call's request body as it reaches the data path: a client
+/// connection's stream (the gateway), or any body an in-process caller
+/// hands over (a client-side channel's tonic client), boxed. The gateway's
+/// own path stays unboxed.
+pub enum RequestBody {
+    Incoming(Incoming),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl RequestBody {
+    /// `body`, boxed (one allocation per call).
+    pub fn boxed<B>(body: B) -> RequestBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        RequestBody::Boxed(body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Incoming(body)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Incoming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            RequestBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Incoming(b) => b.is_end_stream(),
+            RequestBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Incoming(b) => b.size_hint(),
+            RequestBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
 struct ReplayState {
     /// The client's body; `None` for a body given whole ([`ReplayBody::fixed`]).
-    inner: Option<Incoming>,
+    inner: Option<RequestBody>,
     /// Data frames taken so far, while they fit in [`REPLAY_LIMIT`].
     kept: Vec<Bytes>,
     kept_bytes: usize,
@@ -45,7 +104,7 @@ pub struct ReplayBody {
 }
 
 impl ReplayBody {
-    pub fn new(inner: Incoming) -> Self {
+    pub fn new(inner: RequestBody) -> Self {
         ReplayBody::from_state(ReplayState {
             inner: Some(inner),
             kept: Vec::new(),
@@ -165,7 +224,7 @@ impl Body for ReplayBody {
                 this.sent_trailers = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Some(Ok(frame))) => {
                 state.last_read = tokio::time::Instant::now();
                 if let Some(data) = frame.data_ref() {

@@ -2,10 +2,6 @@
 //! C-core HTTP/2 enforces what tonic does not (ping limits, stream limits)
 //! and which stops gracefully with GOAWAY.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,69 +12,10 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use weir::example::pb::echo_client::EchoClient;
 use weir::example::pb::EchoRequest;
-use weir::{Registration, RegistrationSpec};
 
+use crate::support::eventually;
 use crate::support::gateway::{admin_get, req, Env};
-use crate::support::{client, eventually, PREFIX};
-
-/// A grpcio server (tests/python/echo_server.py), registered in etcd.
-struct GrpcioBackend {
-    child: Child,
-    addr: SocketAddr,
-    _registration: Registration,
-}
-
-impl GrpcioBackend {
-    async fn start(env: &Env, service: &str, name: &str, args: &[&str]) -> GrpcioBackend {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = crate::support::venv_python();
-        let mut child = Command::new(python)
-            .arg(root.join("tests/python/echo_server.py"))
-            .arg(root.join("proto"))
-            .arg(name)
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python runs");
-        let stdout = child.stdout.take().expect("stdout");
-        let port = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).expect("read");
-            line.trim()
-                .strip_prefix("listening on ")
-                .and_then(|p| p.parse::<u16>().ok())
-                .unwrap_or_else(|| panic!("unexpected first line from the grpcio server: {line:?}"))
-        })
-        .await
-        .unwrap();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let spec = RegistrationSpec::new(PREFIX, service, &addr.to_string());
-        let mut registration =
-            Registration::spawn(client(&env.etcd).await, spec).expect("registration");
-        registration.registered().await;
-        GrpcioBackend {
-            child,
-            addr,
-            _registration: registration,
-        }
-    }
-
-    /// SIGTERM: the server sends GOAWAY and finishes its calls (grace period).
-    fn stop_gracefully(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-}
-
-impl Drop for GrpcioBackend {
-    fn drop(&mut self) {
-        let _already_gone_is_fine = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::support::grpcio::GrpcioBackend;
 
 async fn channel(env: &Env) -> Channel {
     Channel::from_shared(format!("http://{}", env.gateway().grpc_addr))
@@ -108,7 +45,7 @@ async fn a_quiet_health_watch_through_weir_lives_two_minutes() {
     // Health checks off (the extra config lands in `[health_check]`): the
     // watch is the only stream, so the connection is truly quiet.
     let env = Env::start(0, &format!("enabled = false\n{HEALTH_ROUTE}")).await;
-    let _py = GrpcioBackend::start(&env, "py", "py-watch", &[]).await;
+    let _py = GrpcioBackend::start(&env.etcd, "py", "py-watch", &[]).await;
     env.wait_endpoints("py", 1).await;
     let mut watch = open_watch(&env).await;
     let first = watch
@@ -142,7 +79,7 @@ async fn a_goaway_enhance_your_calm_makes_weir_ping_that_backend_less() {
         &format!("enabled = false\n[upstream]\nkeepalive_interval = \"1s\"\n{HEALTH_ROUTE}"),
     )
     .await;
-    let py = GrpcioBackend::start(&env, "py", "py-calm", &[]).await;
+    let py = GrpcioBackend::start(&env.etcd, "py", "py-calm", &[]).await;
     env.wait_endpoints("py", 1).await;
     let mut watch = open_watch(&env).await;
     watch.message().await.expect("first answer");
@@ -193,7 +130,7 @@ async fn a_backend_limited_to_10_streams_does_not_hold_up_a_plain_call() {
     )
     .await;
     let _py = GrpcioBackend::start(
-        &env,
+        &env.etcd,
         "py",
         "py-limited",
         &["--max-concurrent-streams", "10"],
@@ -259,8 +196,8 @@ async fn a_backend_limited_to_10_streams_does_not_hold_up_a_plain_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpcio_backend_stopped_gracefully_under_load_fails_no_call() {
     let env = Env::start(0, ECHO_ROUTE).await;
-    let leaving = GrpcioBackend::start(&env, "py", "py-leaving", &["--grace", "5"]).await;
-    let _staying = GrpcioBackend::start(&env, "py", "py-staying", &[]).await;
+    let leaving = GrpcioBackend::start(&env.etcd, "py", "py-leaving", &["--grace", "5"]).await;
+    let _staying = GrpcioBackend::start(&env.etcd, "py", "py-staying", &[]).await;
     env.wait_endpoints("py", 2).await;
     let ch = channel(&env).await;
     let failed = Arc::new(AtomicU64::new(0));

@@ -1,5 +1,6 @@
 //! weir's integration tests: one binary, real etcd, real processes.
 
+mod client_side;
 mod demo;
 mod discovery;
 mod etcd_auth;

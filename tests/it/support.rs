@@ -165,5 +165,6 @@ pub async fn wait_on(
 }
 
 pub mod gateway;
+pub mod grpcio;
 pub mod pki;
 pub mod process;

@@ -19,8 +19,8 @@ const LAYERS: &[&[&str]] = &[
     &["members"],
     &["balance"],
     &["policy", "proxy", "register"],
-    &["admin"],
-    &["server"],
+    &["admin", "data_path"],
+    &["server", "client"],
     &["commands", "example", "testkit"],
 ];
 
