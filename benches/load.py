@@ -26,13 +26,22 @@ REVERSE_START=1 starts the weir gateways in the opposite order (the
 observed one first): a ratio measured once each way, and their geometric
 mean, does not favour whichever gateway was started first.
 
+Before those runs, client-side mode: one Rust load client
+(examples/load_client.rs, tonic's Echo client, closed loop with
+CLIENT_CONCURRENCY calls in flight) drives one backend directly ("direct"),
+a client-side channel (weir::client::Channel over the same etcd: native
+round-robin "client-side", the least-conn component "client-side-wasm-lc")
+and the weir gateway ("weir"); CPU per call is the client's own plus, for
+the gateway, the gateway's. Its lines end with `client-side/direct: ...`,
+`client-side/weir: ...` and `client-side-wasm-lc/client-side: ...`.
+
 Everything listens on 127.0.0.1; every run is bounded in time.
 Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
 PIN (0), WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlier
 commit, run beside this one as target "baseline" to tell a regression from
 the machine's noise), TARGETS (optional: a comma-separated subset of the
-targets to measure, e.g. `weir,haproxy,baseline`; the ratio lines need their
-targets).
+targets to measure, e.g. `weir,haproxy,baseline`, `client-side` for the
+client-side runs; the ratio lines need their targets), CLIENT_CONCURRENCY (8).
 """
 import json
 import os
@@ -50,6 +59,7 @@ REL = os.path.join(ROOT, "target", "release")
 WEIR = os.path.join(REL, "weir")
 SERVER = os.path.join(REL, "examples", "echo_server")
 CLIENT = os.path.join(REL, "examples", "echo_client")
+LOAD_CLIENT = os.path.join(REL, "examples", "load_client")
 ENVOY = os.environ.get("ENVOY", os.path.join(ROOT, ".venv-bench", "bin", "envoy"))
 
 ROUNDS = int(os.environ.get("ROUNDS", 3))
@@ -59,6 +69,11 @@ STREAMS = int(os.environ.get("STREAMS", 10))
 PIN = os.environ.get("PIN", "0") == "1"
 REVERSE_START = os.environ.get("REVERSE_START", "0") == "1"
 THREADS = int(os.environ.get("THREADS", 1 if PIN else 2))
+CLIENT_CONCURRENCY = int(os.environ.get("CLIENT_CONCURRENCY", 8))
+# The client-side runs' targets, measured by one Rust load client.
+CLIENT_TARGETS = ("direct", "client-side", "client-side-wasm-lc", "weir")
+# Set by start_targets: the etcd the backends registered in.
+ETCD = None
 PATH = "/weir.example.v1.Echo/Unary"
 POLICIES = os.path.join(ROOT, "build", "policies")
 
@@ -184,7 +199,7 @@ def main():
     for tool in ("etcd", "h2load", "haproxy", "nginx"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             sys.exit(f"{tool} is missing: `make bench-load` installs it")
-    for binary in (WEIR, SERVER, CLIENT, ENVOY):
+    for binary in (WEIR, SERVER, CLIENT, LOAD_CLIENT, ENVOY):
         if not os.path.exists(binary):
             sys.exit(f"{binary} is missing: `make bench-load` builds/installs it")
     work = tempfile.mkdtemp(prefix="weir-load-")
@@ -198,7 +213,69 @@ def main():
 
 def run(work, procs):
     targets, pids = start_targets(work, procs)
-    measure(work, targets, pids)
+    wanted = os.environ.get("TARGETS")
+    if not wanted or "client-side" in wanted.split(","):
+        measure_client_side(targets, pids)
+    if not wanted or set(wanted.split(",")) - {"client-side"}:
+        measure(work, targets, pids)
+
+
+def load_client(args, tag):
+    """One run of the Rust load client; its JSON summary."""
+    out = subprocess.run(pinned([LOAD_CLIENT, *args, "--concurrency", str(CLIENT_CONCURRENCY),
+                                 "--seconds", f"{SECONDS}s"], 0),
+                         capture_output=True, text=True, timeout=SECONDS + 60)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        sys.exit(f"the load client failed against {tag}:\n{out.stdout}\n{out.stderr}")
+    res = json.loads(lines[-1])
+    if res["failed"]:
+        sys.exit(f"{res['failed']} calls failed through {tag}: {lines[-1]}")
+    return res
+
+
+def measure_client_side(targets, pids):
+    """One backend directly, a client-side channel (native round-robin, and the
+    least-conn component) and the weir gateway, each driven by the same Rust
+    load client (closed loop, CLIENT_CONCURRENCY calls in flight); CPU per
+    call is the client's own plus, for the gateway, the gateway's."""
+    least_conn = os.path.join(POLICIES, "least-conn.wasm")
+    argv = {"direct": ["--direct", f"127.0.0.1:{targets['direct']}"],
+            "client-side": ["--etcd", ETCD, "--service", "echo"],
+            "client-side-wasm-lc": ["--etcd", ETCD, "--service", "echo", "--policy", least_conn],
+            "weir": ["--gateway", f"127.0.0.1:{targets['weir']}"]}
+    hz = os.sysconf("SC_CLK_TCK")
+    print(f"Rust load client: {SECONDS}s per run (after 1 s of warm-up), {CLIENT_CONCURRENCY} calls in flight, "
+          f"{ROUNDS} rounds, {'pinned: client on CPU 0' if PIN else 'unpinned'}", flush=True)
+    order = list(CLIENT_TARGETS)
+    results = {t: [] for t in CLIENT_TARGETS}
+    for r in range(ROUNDS):
+        order = order[1:] + order[:1]
+        for tag in order:
+            proxy = family(pids["weir"]) if tag == "weir" else []
+            ticks = cpu_ticks(proxy)
+            res = load_client(argv[tag], tag)
+            proxy_us = (cpu_ticks(proxy) - ticks) / hz * 1e6 / res["all_calls"] if proxy else 0.0
+            res["cpu_us"] = res["cpu_us_per_call"] + proxy_us
+            results[tag].append(res)
+            print(f"round {r + 1} {tag:<20} {res['calls_per_s']:>9.0f} calls/s  p50 {res['p50_ms']:7.3f} ms"
+                  f"  p99 {res['p99_ms']:7.3f} ms  CPU {res['cpu_us']:6.1f} us/call"
+                  f" (client {res['cpu_us_per_call']:.1f})", flush=True)
+    keys = ("calls_per_s", "p50_ms", "p99_ms", "cpu_us")
+    med = {t: {k: statistics.median(x[k] for x in v) for k in keys} for t, v in results.items()}
+    print("\nmedians over the rounds (Rust load client):")
+    print(f"{'target':<20} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12}")
+    for t in CLIENT_TARGETS:
+        m = med[t]
+        print(f"{t:<20} {m['calls_per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['cpu_us']:>12.1f}")
+    side, direct, gw = med["client-side"], med["direct"], med["weir"]
+    print(f"client-side/direct: p50 ratio {side['p50_ms'] / direct['p50_ms']:.2f}, "
+          f"p99 ratio {side['p99_ms'] / direct['p99_ms']:.2f}, CPU ratio {side['cpu_us'] / direct['cpu_us']:.2f}")
+    print(f"client-side/weir: p50 ratio {side['p50_ms'] / gw['p50_ms']:.2f}, "
+          f"p99 ratio {side['p99_ms'] / gw['p99_ms']:.2f}, CPU ratio {side['cpu_us'] / gw['cpu_us']:.2f}")
+    print(f"client-side-wasm-lc/client-side: throughput ratio "
+          f"{med['client-side-wasm-lc']['calls_per_s'] / side['calls_per_s']:.2f}, "
+          f"p50 ratio {med['client-side-wasm-lc']['p50_ms'] / side['p50_ms']:.2f}\n", flush=True)
 
 
 def family(pids):
@@ -224,6 +301,8 @@ def start_targets(work, procs, backend_count=3):
         f.write(grpc_frame())
     etcd_port, peer = free_port(), free_port()
     etcd = f"http://127.0.0.1:{etcd_port}"
+    global ETCD
+    ETCD = etcd
     procs.start("etcd", ["etcd", "--name", "bench", "--data-dir", os.path.join(work, "etcd"),
                          "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
                          "--listen-peer-urls", f"http://127.0.0.1:{peer}",

@@ -6,20 +6,34 @@
 //! the backend of every call — the [`crate::data_path`] core `weir serve`
 //! runs, given a tonic client's calls in-process instead of a listener's.
 //!
-//! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # // A real etcd and a registered backend (the example echo service),
+//! # // started by the testkit so that this example runs as a doc test.
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let etcd = weir::testkit::Etcd::start();
+//! # let greeter = weir::example::EchoBackend::start("greeter-1").await?;
+//! # let access = weir::discovery::EtcdAccess::new(etcd.endpoints());
+//! # let spec = weir::RegistrationSpec::new("/services", "greeter", &greeter.addr.to_string());
+//! # let mut registration =
+//! #     weir::Registration::spawn(weir::discovery::connect(&access).await?, spec)?;
+//! # registration.registered().await;
+//! # let endpoints = etcd.endpoints(); // ["http://127.0.0.1:2379"] in production
+//! use tonic_health::pb::health_check_response::ServingStatus;
 //! use tonic_health::pb::health_client::HealthClient;
 //! use tonic_health::pb::HealthCheckRequest;
 //!
-//! let channel = weir::client::Channel::builder(["http://127.0.0.1:2379"], "/services", "greeter")
-//!     .policy("least-conn") // published under /services/_policies/, or native
+//! let channel = weir::client::Channel::builder(endpoints, "/services", "greeter")
+//!     // `round-robin` is native; any other name is a WebAssembly policy
+//!     // published under /services/_policies/ (`.policy_file(path)`: from a file).
+//!     .policy("round-robin")
 //!     .connect()
 //!     .await?;
-//! let mut health = HealthClient::new(channel.clone()); // cheap: an Arc
+//! let mut health = HealthClient::new(channel.clone()); // a clone is an Arc
 //! let answer = health
 //!     .check(HealthCheckRequest { service: String::new() })
 //!     .await?;
-//! println!("{:?}", answer.into_inner().status());
+//! assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
 //! # Ok(())
 //! # }
 //! ```
