@@ -28,12 +28,16 @@ mean, does not favour whichever gateway was started first.
 
 Before those runs, client-side mode: one Rust load client
 (examples/load_client.rs, tonic's Echo client, closed loop with
-CLIENT_CONCURRENCY calls in flight) drives one backend directly ("direct"),
-a client-side channel (weir::client::Channel over the same etcd: native
-round-robin "client-side", the least-conn component "client-side-wasm-lc")
-and the weir gateway ("weir"); CPU per call is the client's own plus, for
-the gateway, the gateway's. Its lines end with `client-side/direct: ...`,
-`client-side/weir: ...` and `client-side-wasm-lc/client-side: ...`.
+CLIENT_CONCURRENCY calls in flight) drives: the first backend directly
+("direct") and through a client-side channel (weir::client::Channel, etcd
+service "echo-one" = that backend: "client-side"); the three backends with
+tonic's own balancing over a fixed list ("direct-3"), through a client-side
+channel (native round-robin "client-side-3", the least-conn component
+"client-side-3-wasm-lc") and through the weir gateway ("weir"). CPU per
+call is the client's own plus, for the gateway, the gateway's. Its ratio
+lines read `A/B: p50 ratio, p99 ratio, CPU ratio, throughput ratio` for
+client-side/direct, client-side-3/direct-3, client-side-3/weir and
+client-side-3-wasm-lc/client-side-3.
 
 Everything listens on 127.0.0.1; every run is bounded in time.
 Environment: ROUNDS (3), SECONDS (10), CONNECTIONS (50), STREAMS (10), THREADS (2),
@@ -71,9 +75,10 @@ REVERSE_START = os.environ.get("REVERSE_START", "0") == "1"
 THREADS = int(os.environ.get("THREADS", 1 if PIN else 2))
 CLIENT_CONCURRENCY = int(os.environ.get("CLIENT_CONCURRENCY", 8))
 # The client-side runs' targets, measured by one Rust load client.
-CLIENT_TARGETS = ("direct", "client-side", "client-side-wasm-lc", "weir")
+CLIENT_TARGETS = ("direct", "client-side", "direct-3", "client-side-3", "client-side-3-wasm-lc", "weir")
 # Set by start_targets: the etcd the backends registered in.
 ETCD = None
+BACKENDS = []
 PATH = "/weir.example.v1.Echo/Unary"
 POLICIES = os.path.join(ROOT, "build", "policies")
 
@@ -241,8 +246,10 @@ def measure_client_side(targets, pids):
     call is the client's own plus, for the gateway, the gateway's."""
     least_conn = os.path.join(POLICIES, "least-conn.wasm")
     argv = {"direct": ["--direct", f"127.0.0.1:{targets['direct']}"],
-            "client-side": ["--etcd", ETCD, "--service", "echo"],
-            "client-side-wasm-lc": ["--etcd", ETCD, "--service", "echo", "--policy", least_conn],
+            "client-side": ["--etcd", ETCD, "--service", "echo-one"],
+            "direct-3": ["--direct", ",".join(f"127.0.0.1:{p}" for p in BACKENDS)],
+            "client-side-3": ["--etcd", ETCD, "--service", "echo"],
+            "client-side-3-wasm-lc": ["--etcd", ETCD, "--service", "echo", "--policy", least_conn],
             "weir": ["--gateway", f"127.0.0.1:{targets['weir']}"]}
     hz = os.sysconf("SC_CLK_TCK")
     print(f"Rust load client: {SECONDS}s per run (after 1 s of warm-up), {CLIENT_CONCURRENCY} calls in flight, "
@@ -268,14 +275,15 @@ def measure_client_side(targets, pids):
     for t in CLIENT_TARGETS:
         m = med[t]
         print(f"{t:<20} {m['calls_per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['cpu_us']:>12.1f}")
-    side, direct, gw = med["client-side"], med["direct"], med["weir"]
-    print(f"client-side/direct: p50 ratio {side['p50_ms'] / direct['p50_ms']:.2f}, "
-          f"p99 ratio {side['p99_ms'] / direct['p99_ms']:.2f}, CPU ratio {side['cpu_us'] / direct['cpu_us']:.2f}")
-    print(f"client-side/weir: p50 ratio {side['p50_ms'] / gw['p50_ms']:.2f}, "
-          f"p99 ratio {side['p99_ms'] / gw['p99_ms']:.2f}, CPU ratio {side['cpu_us'] / gw['cpu_us']:.2f}")
-    print(f"client-side-wasm-lc/client-side: throughput ratio "
-          f"{med['client-side-wasm-lc']['calls_per_s'] / side['calls_per_s']:.2f}, "
-          f"p50 ratio {med['client-side-wasm-lc']['p50_ms'] / side['p50_ms']:.2f}\n", flush=True)
+    def ratios(a, b):
+        x, y = med[a], med[b]
+        print(f"{a}/{b}: p50 ratio {x['p50_ms'] / y['p50_ms']:.2f}, p99 ratio {x['p99_ms'] / y['p99_ms']:.2f}, "
+              f"CPU ratio {x['cpu_us'] / y['cpu_us']:.2f}, throughput ratio {x['calls_per_s'] / y['calls_per_s']:.2f}")
+    ratios("client-side", "direct")
+    ratios("client-side-3", "direct-3")
+    ratios("client-side-3", "weir")
+    ratios("client-side-3-wasm-lc", "client-side-3")
+    print(flush=True)
 
 
 def family(pids):
@@ -326,7 +334,13 @@ def start_targets(work, procs, backend_count=3):
             sys.exit(f"the backends did not register: {out.stdout}{out.stderr}")
         time.sleep(0.1)
 
+    # The first backend alone, as etcd service "echo-one" too (a plain key,
+    # no lease): a client-side channel to it calls what "direct" calls.
+    subprocess.run(["etcdctl", "--endpoints", etcd, "put", f"/services/echo-one/127.0.0.1:{backends[0]}",
+                    f"127.0.0.1:{backends[0]}"], check=True, capture_output=True)
     targets = {"direct": backends[0]}
+    global BACKENDS
+    BACKENDS = backends
     pids = {"direct": [procs.pid_of("b0")]}
 
     # weir three times: the native round-robin, and Wasm policies on every call

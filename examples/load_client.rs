@@ -68,6 +68,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let direct = args.direct.as_ref().or(args.gateway.as_ref());
     let measured = match direct {
+        Some(addrs) if addrs.contains(',') => {
+            // Several backends: tonic's own balancing over a fixed list.
+            let endpoints = addrs
+                .split(',')
+                .map(|a| tonic::transport::Endpoint::from_shared(format!("http://{a}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ch = tonic::transport::Channel::balance_list(endpoints.into_iter());
+            run(&args, || EchoClient::new(ch.clone())).await
+        }
         Some(addr) => {
             let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
                 .connect()
