@@ -458,3 +458,72 @@ async fn the_example_calls_grpcio_health_servers_through_a_client_side_channel()
         assert!(p50 > 0.0 && p50 <= p99, "{report}");
     }
 }
+
+/// A caller's deadline holds through the channel: a call to a backend that
+/// answers too late ends DEADLINE_EXCEEDED at its deadline, not the backend's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_ends_a_call_the_backend_is_slow_to_answer() {
+    let etcd = Etcd::start();
+    let _kept = backend(&etcd, "echo", "slow", 100).await;
+    let channel = builder(&etcd, "echo").connect().await.expect("channel");
+    let mut c = EchoClient::new(channel.clone());
+    let mut request = tonic::Request::new(EchoRequest {
+        delay_ms: 5_000,
+        ..req("late")
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let began = Instant::now();
+    let status = c
+        .unary(request)
+        .await
+        .expect_err("the deadline passes first");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "ended at the caller's deadline, not the backend's answer: {:?}",
+        began.elapsed()
+    );
+}
+
+/// With a snapshot, a channel starts while etcd is down and calls the
+/// instances it last knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_with_a_snapshot_starts_and_serves_while_etcd_is_down() {
+    let mut etcd = Etcd::start();
+    let _kept = [
+        backend(&etcd, "echo", "a", 100).await,
+        backend(&etcd, "echo", "b", 100).await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("instances.json");
+    let first = builder(&etcd, "echo")
+        .snapshot(&snapshot)
+        .connect()
+        .await
+        .expect("channel");
+    assert_eq!(spread(&first, 4).await.len(), 2);
+    eventually("the snapshot written", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&snapshot).is_ok_and(|s| s.contains("echo"))
+    })
+    .await;
+    drop(first);
+    etcd.stop();
+    let second = builder(&etcd, "echo")
+        .snapshot(&snapshot)
+        .ready_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a channel from the snapshot");
+    let seen = spread(&second, 10).await;
+    assert_eq!(seen.len(), 2, "both instances from the snapshot: {seen:?}");
+    // Without a snapshot, no channel: connect says why.
+    let none = builder(&etcd, "echo")
+        .ready_timeout(Duration::from_secs(1))
+        .connect()
+        .await;
+    assert!(
+        matches!(none, Err(weir::client::ConnectError::NotReady { .. })),
+        "{:?}",
+        none.err()
+    );
+}
