@@ -28,14 +28,15 @@ mean, does not favour whichever gateway was started first.
 
 Before those runs, client-side mode: one Rust load client
 (examples/load_client.rs, tonic's Echo client, closed loop with
-CLIENT_CONCURRENCY calls in flight) drives: the first backend directly
+CLIENT_CONCURRENCY calls in flight: 1, the latency of a lone call, and 8,
+a load that fills both cores) drives: the first backend directly
 ("direct") and through a client-side channel (weir::client::Channel, etcd
 service "echo-one" = that backend: "client-side"); the three backends with
 tonic's own balancing over a fixed list ("direct-3"), through a client-side
 channel (native round-robin "client-side-3", the least-conn component
 "client-side-3-wasm-lc") and through the weir gateway ("weir"). CPU per
 call is the client's own plus, for the gateway, the gateway's. Its ratio
-lines read `A/B: p50 ratio, p99 ratio, CPU ratio, throughput ratio` for
+lines read `A/B (N in flight): p50 ratio, p99 ratio, CPU ratio, throughput ratio` for
 client-side/direct, client-side-3/direct-3, client-side-3/weir and
 client-side-3-wasm-lc/client-side-3.
 
@@ -45,7 +46,7 @@ PIN (0), WEIR_BASELINE (optional: another weir binary, e.g. a build of an earlie
 commit, run beside this one as target "baseline" to tell a regression from
 the machine's noise), TARGETS (optional: a comma-separated subset of the
 targets to measure, e.g. `weir,haproxy,baseline`, `client-side` for the
-client-side runs; the ratio lines need their targets), CLIENT_CONCURRENCY (8).
+client-side runs; the ratio lines need their targets), CLIENT_CONCURRENCY (1,8).
 """
 import json
 import os
@@ -73,7 +74,7 @@ STREAMS = int(os.environ.get("STREAMS", 10))
 PIN = os.environ.get("PIN", "0") == "1"
 REVERSE_START = os.environ.get("REVERSE_START", "0") == "1"
 THREADS = int(os.environ.get("THREADS", 1 if PIN else 2))
-CLIENT_CONCURRENCY = int(os.environ.get("CLIENT_CONCURRENCY", 8))
+CLIENT_CONCURRENCY = [int(c) for c in os.environ.get("CLIENT_CONCURRENCY", "1,8").split(",")]
 # The client-side runs' targets, measured by one Rust load client.
 CLIENT_TARGETS = ("direct", "client-side", "direct-3", "client-side-3", "client-side-3-wasm-lc", "weir")
 # Set by start_targets: the etcd the backends registered in.
@@ -225,9 +226,9 @@ def run(work, procs):
         measure(work, targets, pids)
 
 
-def load_client(args, tag):
+def load_client(args, tag, concurrency):
     """One run of the Rust load client; its JSON summary."""
-    out = subprocess.run(pinned([LOAD_CLIENT, *args, "--concurrency", str(CLIENT_CONCURRENCY),
+    out = subprocess.run(pinned([LOAD_CLIENT, *args, "--concurrency", str(concurrency),
                                  "--seconds", f"{SECONDS}s"], 0),
                          capture_output=True, text=True, timeout=SECONDS + 60)
     lines = out.stdout.strip().splitlines()
@@ -240,10 +241,12 @@ def load_client(args, tag):
 
 
 def measure_client_side(targets, pids):
-    """One backend directly, a client-side channel (native round-robin, and the
-    least-conn component) and the weir gateway, each driven by the same Rust
-    load client (closed loop, CLIENT_CONCURRENCY calls in flight); CPU per
-    call is the client's own plus, for the gateway, the gateway's."""
+    """The first backend directly and through a client-side channel; the three
+    backends with tonic's balancing, through client-side channels (native
+    round-robin, the least-conn component) and through the gateway: each
+    driven by the same Rust load client (closed loop), once per
+    CLIENT_CONCURRENCY (calls in flight). CPU per call is the client's own
+    plus, for the gateway, the gateway's."""
     least_conn = os.path.join(POLICIES, "least-conn.wasm")
     argv = {"direct": ["--direct", f"127.0.0.1:{targets['direct']}"],
             "client-side": ["--etcd", ETCD, "--service", "echo-one"],
@@ -252,37 +255,40 @@ def measure_client_side(targets, pids):
             "client-side-3-wasm-lc": ["--etcd", ETCD, "--service", "echo", "--policy", least_conn],
             "weir": ["--gateway", f"127.0.0.1:{targets['weir']}"]}
     hz = os.sysconf("SC_CLK_TCK")
-    print(f"Rust load client: {SECONDS}s per run (after 1 s of warm-up), {CLIENT_CONCURRENCY} calls in flight, "
-          f"{ROUNDS} rounds, {'pinned: client on CPU 0' if PIN else 'unpinned'}", flush=True)
-    order = list(CLIENT_TARGETS)
-    results = {t: [] for t in CLIENT_TARGETS}
+    print(f"Rust load client: {SECONDS}s per run (after 1 s of warm-up), closed loop with "
+          f"{' and '.join(map(str, CLIENT_CONCURRENCY))} calls in flight, {ROUNDS} rounds, "
+          f"{'pinned: client on CPU 0' if PIN else 'unpinned'}", flush=True)
+    runs = [(t, c) for c in CLIENT_CONCURRENCY for t in CLIENT_TARGETS]
+    results = {run: [] for run in runs}
+    order = list(runs)
     for r in range(ROUNDS):
         order = order[1:] + order[:1]
-        for tag in order:
+        for tag, conc in order:
             proxy = family(pids["weir"]) if tag == "weir" else []
             ticks = cpu_ticks(proxy)
-            res = load_client(argv[tag], tag)
+            res = load_client(argv[tag], tag, conc)
             proxy_us = (cpu_ticks(proxy) - ticks) / hz * 1e6 / res["all_calls"] if proxy else 0.0
             res["cpu_us"] = res["cpu_us_per_call"] + proxy_us
-            results[tag].append(res)
-            print(f"round {r + 1} {tag:<20} {res['calls_per_s']:>9.0f} calls/s  p50 {res['p50_ms']:7.3f} ms"
+            results[(tag, conc)].append(res)
+            print(f"round {r + 1} {tag:<22} x{conc:<3} {res['calls_per_s']:>9.0f} calls/s  p50 {res['p50_ms']:7.3f} ms"
                   f"  p99 {res['p99_ms']:7.3f} ms  CPU {res['cpu_us']:6.1f} us/call"
                   f" (client {res['cpu_us_per_call']:.1f})", flush=True)
     keys = ("calls_per_s", "p50_ms", "p99_ms", "cpu_us")
-    med = {t: {k: statistics.median(x[k] for x in v) for k in keys} for t, v in results.items()}
-    print("\nmedians over the rounds (Rust load client):")
-    print(f"{'target':<20} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12}")
-    for t in CLIENT_TARGETS:
-        m = med[t]
-        print(f"{t:<20} {m['calls_per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['cpu_us']:>12.1f}")
-    def ratios(a, b):
-        x, y = med[a], med[b]
-        print(f"{a}/{b}: p50 ratio {x['p50_ms'] / y['p50_ms']:.2f}, p99 ratio {x['p99_ms'] / y['p99_ms']:.2f}, "
-              f"CPU ratio {x['cpu_us'] / y['cpu_us']:.2f}, throughput ratio {x['calls_per_s'] / y['calls_per_s']:.2f}")
-    ratios("client-side", "direct")
-    ratios("client-side-3", "direct-3")
-    ratios("client-side-3", "weir")
-    ratios("client-side-3-wasm-lc", "client-side-3")
+    med = {run: {k: statistics.median(x[k] for x in v) for k in keys} for run, v in results.items()}
+    for conc in CLIENT_CONCURRENCY:
+        print(f"\nmedians over the rounds (Rust load client, {conc} in flight):")
+        print(f"{'target':<22} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/call':>12}")
+        for t in CLIENT_TARGETS:
+            m = med[(t, conc)]
+            print(f"{t:<22} {m['calls_per_s']:>9.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['cpu_us']:>12.1f}")
+    print()
+    for conc in CLIENT_CONCURRENCY:
+        for a, b in (("client-side", "direct"), ("client-side-3", "direct-3"), ("client-side-3", "weir"),
+                     ("client-side-3-wasm-lc", "client-side-3")):
+            x, y = med[(a, conc)], med[(b, conc)]
+            print(f"{a}/{b} ({conc} in flight): p50 ratio {x['p50_ms'] / y['p50_ms']:.2f}, "
+                  f"p99 ratio {x['p99_ms'] / y['p99_ms']:.2f}, CPU ratio {x['cpu_us'] / y['cpu_us']:.2f}, "
+                  f"throughput ratio {x['calls_per_s'] / y['calls_per_s']:.2f}")
     print(flush=True)
 
 
