@@ -3,7 +3,7 @@
 //! instances current by the same watch, checks their health, ejects
 //! outliers, retries what cannot have reached a backend, and lets the same
 //! policies (native, or WebAssembly components hot-swapped from etcd) pick
-//! the backend of every call — the [`crate::data_path`] core `weir serve`
+//! the backend of every call — the `data_path` core `weir serve`
 //! runs, given a tonic client's calls in-process instead of a listener's.
 //!
 //! ```
@@ -202,6 +202,13 @@ impl Builder {
     /// default.
     pub fn policies_from_etcd(mut self, on: bool) -> Builder {
         self.config.policy.from_etcd = on;
+        self
+    }
+
+    /// How long a policy's pick may take before the call falls back to
+    /// round-robin (`[policy] deadline`).
+    pub fn pick_deadline(mut self, limit: Duration) -> Builder {
+        self.config.policy.deadline = limit;
         self
     }
 

@@ -8,7 +8,7 @@
 //!   hot path reads without waiting.
 //! - [`register`]: the registration agent (`weir register`, and a library API
 //!   for servers that register themselves).
-//! - [`data_path`]: the core both faces share — discovery, backends,
+//! - `data_path`: the core both faces share — discovery, backends,
 //!   policies and the proxy, built from a [`Config`].
 //! - [`client`]: client-side mode — that core behind a tower `Service` any
 //!   tonic client takes, in-process.
@@ -32,7 +32,7 @@ pub mod balance;
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod data_path;
+pub(crate) mod data_path;
 pub mod discovery;
 pub(crate) mod errors;
 #[cfg(feature = "testkit")]

@@ -272,8 +272,11 @@ async fn a_policy_published_through_etcd_under_load_swaps_with_zero_failed_calls
         kept.push(backend(&etcd, "echo", name, 100).await);
     }
     // No version of "pick" yet: calls are spread by the round-robin fallback.
+    // A pick that missed its deadline on this busy machine would fall back
+    // to round-robin and spread the calls this test counts on one instance.
     let channel = builder(&etcd, "echo")
         .policy("pick")
+        .pick_deadline(Duration::from_millis(200))
         .connect()
         .await
         .expect("channel");
@@ -377,6 +380,7 @@ async fn a_trapping_policy_falls_back_and_the_next_call_uses_it_again() {
     ];
     let channel = builder(&etcd, "echo")
         .policy_file(policy_file("testing"))
+        .pick_deadline(Duration::from_millis(200))
         .connect()
         .await
         .expect("channel");
