@@ -80,7 +80,10 @@ pub enum ConnectError {
 /// A client-side balanced channel to one etcd service: give it to any
 /// tonic-generated client (`GreeterClient::new(channel)`). Cheap to clone;
 /// the clones share one data path, which stops (watches, health checks,
-/// upstream connections) when the last clone is dropped.
+/// upstream connections) when the last clone is dropped and the calls it
+/// carried have ended. Make one per service and share it: each channel
+/// runs its own watch of the prefix and its own policy engine (two
+/// threads), as a gateway does.
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<Inner>,
@@ -155,7 +158,7 @@ impl Builder {
     /// A channel to `service` with the settings of `config` (etcd access,
     /// snapshot, upstream pool and TLS, retry budget, health checks,
     /// outlier ejection, limits, policy engine); its listeners, routes,
-    /// access log and fleet rollout are not used.
+    /// access log, tracing and fleet rollout are not used.
     pub fn from_config(mut config: Config, service: &str) -> Builder {
         // A client is not a gateway: it does not report to the fleet view.
         config.policy.rollout.enabled = false;
@@ -268,10 +271,22 @@ impl Builder {
             policy_files,
             ready_timeout,
         } = self;
+        // A policy from a file needs neither a policy directory nor etcd,
+        // which the file check asks of a named one: checked as native, then
+        // named again (its name was checked when the file was given).
+        let from_file = policy_files.iter().any(|(name, _)| *name == route.policy);
+        let policy = route.policy.clone();
         config.routes = vec![route];
-        let config = config.checked(Path::new("(client-side channel)"))?;
+        if from_file {
+            config.routes[0].policy = crate::config::NATIVE_POLICY.into();
+        }
+        let mut config = config.checked(Path::new("(client-side channel)"))?;
+        config.routes[0].policy = policy;
         let mut registry = Registry::default();
         let background = CancellationToken::new();
+        // Whatever ends this early (an error, or the caller dropping the
+        // future), the tasks started so far stop with it.
+        let stop_early = background.clone().drop_guard();
         let tasks = TaskTracker::new();
         let data = DataPath::start(
             &config,
@@ -281,14 +296,7 @@ impl Builder {
             &tasks,
             &background,
         )
-        .await;
-        let data = match data {
-            Ok(data) => data,
-            Err(err) => {
-                background.cancel();
-                return Err(err.into());
-            }
-        };
+        .await?;
         tasks.close();
         let inner = Arc::new(Inner {
             data,
@@ -297,6 +305,7 @@ impl Builder {
             background,
             _tasks: tasks,
         });
+        stop_early.disarm();
         if !inner.data.ready_within(ready_timeout).await {
             return Err(ConnectError::NotReady {
                 waited: ready_timeout,

@@ -1070,6 +1070,9 @@ mod tests {
             msg("[[route]]\nmatch = \"/a.B/\"\nservice = \"s\"\npolicy = \"no/pe\"")
                 .contains("route[0].policy")
         );
+        // `/` takes every call no other route matches.
+        assert!(parse("[[route]]\nmatch = \"/\"\nservice = \"s\"").is_ok());
+        assert!(msg("[[route]]\nmatch = \"//\"\nservice = \"s\"").contains("route[0].match"));
         assert!(msg("[[route]]\nmatch = \"a.B\"\nservice = \"s\"").contains("route[0].match"));
         assert!(msg("[[route]]\nmatch = \"/a.B/\"\nservice = 3").contains("route[0].service"));
         assert!(msg("listen = \"nowhere\"").contains("listen"));

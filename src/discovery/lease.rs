@@ -32,7 +32,16 @@ const UNKNOWN: i64 = i64::MIN;
 fn clock_ms() -> i64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(origin).as_millis() as i64
+    let now = Instant::now();
+    // Signed and floored, so that differences are exact even on a clock
+    // behind the origin (a test runtime's paused clock can be: the origin
+    // may come from another runtime). Saturating at the origin made two
+    // readings 4,900 ms apart differ by 4,899.
+    let nanos = match now.checked_duration_since(origin) {
+        Some(after) => after.as_nanos() as i128,
+        None => -(origin.duration_since(now).as_nanos() as i128),
+    };
+    nanos.div_euclid(1_000_000) as i64
 }
 
 #[derive(Debug)]
