@@ -22,6 +22,10 @@ all its threads over 5 s with no traffic).
 PIN=1 gives every proxy one core: the proxies and the backends on CPU 1,
 h2load on CPU 0, one worker per proxy (THREADS=1).
 
+Two more weir targets run only when TARGETS names them: "weir-log" (the
+access log alone) and "weir-trace" (1 % traced alone), each printed as
+`weir-log/weir: ...`, to split what "weir-observed" costs.
+
 REVERSE_START=1 starts the weir gateways in the opposite order (the
 observed one first): a ratio measured once each way, and their geometric
 mean, does not favour whichever gateway was started first.
@@ -369,6 +373,12 @@ def start_targets(work, procs, backend_count=3):
                 ("weir-wasm-rr", "wasm-round-robin", f'[policy]\ndir = "{wasm}"\n'),
                 ("weir-wasm-lc", "wasm-least-conn", f'[policy]\ndir = "{wasm}"\n'),
                 ("weir-observed", "round-robin", observed)]
+    # Each half of "observed" alone, when TARGETS names it (to split its cost).
+    named = os.environ.get("TARGETS", "").split(",")
+    if "weir-log" in named:
+        variants.append(("weir-log", "round-robin", observed.split("[tracing]")[0]))
+    if "weir-trace" in named:
+        variants.append(("weir-trace", "round-robin", "[tracing]" + observed.split("[tracing]")[1]))
     if REVERSE_START:
         # The same gateways started (and first measured) in the other order:
         # the position of a process in the run is not free of effects.
@@ -510,6 +520,9 @@ def measure(work, targets, pids):
     if all(t in med for t in ("weir", "weir-wasm-lc", "weir-wasm-rr")):
         print(f"weir-wasm/weir: throughput ratio {med['weir-wasm-lc']['rps'] / med['weir']['rps']:.2f} "
               f"(least-conn; round-robin {med['weir-wasm-rr']['rps'] / med['weir']['rps']:.2f})")
+    for half in [t for t in ("weir-log", "weir-trace") if t in med and "weir" in med]:
+        print(f"{half}/weir: throughput ratio {med[half]['rps'] / med['weir']['rps']:.2f}, "
+              f"CPU ratio {med[half]['cpu_us'] / med['weir']['cpu_us']:.2f}")
     if "weir-observed" in med and "weir" in med:
         print(f"weir-observed/weir: throughput ratio {med['weir-observed']['rps'] / med['weir']['rps']:.2f} "
               f"(the access log on, 1 % of calls traced), "
