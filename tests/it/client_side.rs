@@ -39,6 +39,14 @@ async fn backend(
     (echo, registration)
 }
 
+/// Echo backends `a` and `b`, registered as service `echo`, equal weights.
+async fn two_backends(etcd: &Etcd) -> [(EchoBackend, Registration); 2] {
+    [
+        backend(etcd, "echo", "a", 100).await,
+        backend(etcd, "echo", "b", 100).await,
+    ]
+}
+
 fn builder(etcd: &Etcd, service: &str) -> weir::client::Builder {
     Channel::builder(etcd.endpoints(), PREFIX, service)
 }
@@ -345,10 +353,7 @@ async fn a_policy_published_through_etcd_under_load_swaps_with_zero_failed_calls
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_for_ten_seconds_under_load_fails_no_call() {
     let mut etcd = Etcd::start();
-    let _kept = [
-        backend(&etcd, "echo", "a", 100).await,
-        backend(&etcd, "echo", "b", 100).await,
-    ];
+    let _kept = two_backends(&etcd).await;
     let channel = builder(&etcd, "echo").connect().await.expect("channel");
     let load = Load::start(&channel, 4, 1);
     eventually("calls flowing", Duration::from_secs(10), || async {
@@ -381,10 +386,7 @@ async fn etcd_down_for_ten_seconds_under_load_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_policy_falls_back_and_the_next_call_uses_it_again() {
     let etcd = Etcd::start();
-    let _kept = [
-        backend(&etcd, "echo", "a", 100).await,
-        backend(&etcd, "echo", "b", 100).await,
-    ];
+    let _kept = two_backends(&etcd).await;
     let channel = builder(&etcd, "echo")
         .policy_file(policy_file("testing"))
         .pick_deadline(Duration::from_millis(200))
@@ -501,10 +503,7 @@ async fn a_callers_deadline_ends_a_call_the_backend_is_slow_to_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_with_a_snapshot_starts_and_serves_while_etcd_is_down() {
     let mut etcd = Etcd::start();
-    let _kept = [
-        backend(&etcd, "echo", "a", 100).await,
-        backend(&etcd, "echo", "b", 100).await,
-    ];
+    let _kept = two_backends(&etcd).await;
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir.path().join("instances.json");
     let first = builder(&etcd, "echo")
@@ -571,10 +570,7 @@ async fn dropping_the_last_clone_stops_the_channels_watches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_file_serves_without_etcd_policies() {
     let etcd = Etcd::start();
-    let _kept = [
-        backend(&etcd, "echo", "a", 100).await,
-        backend(&etcd, "echo", "b", 100).await,
-    ];
+    let _kept = two_backends(&etcd).await;
     let channel = builder(&etcd, "echo")
         .policies_from_etcd(false)
         .policy_file(policy_file("testing"))
