@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigError, RouteConfig};
 use crate::data_path::{DataPath, StartError};
 use crate::policy::policy_name;
-use crate::upstream::{BoxError, RequestBody};
+use crate::upstream::{strip_connection_headers, BoxError, RequestBody};
 
 /// How long [`Builder::connect`] waits for the first etcd listing (or the
 /// snapshot) by default.
@@ -362,7 +362,8 @@ where
     fn call(&mut self, request: http::Request<B>) -> ResponseFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let request = request.map(RequestBody::boxed);
+            let mut request = request.map(RequestBody::boxed);
+            strip_connection_headers(request.headers_mut());
             let response = inner.data.proxy.handle(request, IN_PROCESS).await;
             Ok(response.map(ResponseBody))
         })

@@ -19,6 +19,18 @@ pub fn chain(err: &(dyn Error + 'static)) -> String {
     text
 }
 
+/// The h2 error behind a hyper error, if any.
+pub fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
+    let mut source = err.source();
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = e.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
@@ -32,7 +31,8 @@ use crate::balance::{Balancer, HiddenHeaders, PickContext, RouteOptions};
 use crate::members::{CodeCounts, Member, Members};
 use crate::metrics::{encode_counters, CallLabels, ProxyMetrics, ServiceLabel};
 use crate::upstream::{
-    h2_error, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody, RequestBody,
+    self as upstream, Backends, OutlierSettings, OutlierVerdict, PoolError, ReplayBody,
+    RequestBody, SendError, UpstreamBody,
 };
 
 use body::{Idle, Observed, ResponseBody};
@@ -215,7 +215,7 @@ struct CallParts<'a> {
 
 /// A backend's answer, with what must live as long as its body.
 struct Answered {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     attempt: AttemptRecord,
     deadline: Option<Instant>,
     /// The request body (for its activity) and the idle bound.
@@ -470,9 +470,8 @@ impl Proxy {
             call_started,
         );
         record.traced_by(span);
-        let mut sender = stream.sender.clone();
         let sent = tokio::select! {
-            sent = within(deadline, sender.send_request(upstream)) => sent,
+            sent = within(deadline, upstream::send(stream.sender.clone(), upstream)) => sent,
             _ = idle(request, stream_idle_timeout) => {
                 record.hold(stream.into_permit());
                 record.deadline_passed();
@@ -693,7 +692,7 @@ fn upstream_uri(addr: &str, original: &http::Uri) -> http::Uri {
 /// so a trailers-only CANCELLED (which a server answers a call it never
 /// started, and rarely otherwise) waits briefly for the GOAWAY to be read.
 async fn refused_while_going_away(
-    response: &Response<Incoming>,
+    response: &Response<UpstreamBody>,
     stream: &crate::upstream::Stream,
 ) -> bool {
     if response.status() != http::StatusCode::OK {
@@ -732,11 +731,11 @@ enum Refusal {
 /// its last-stream-id (h2 fails exactly those, and new ones, with the
 /// GOAWAY's error; streams it did process end otherwise), or a request the
 /// connection never took.
-fn not_processed(err: &hyper::Error) -> Option<Refusal> {
-    if err.is_canceled() || err.is_closed() {
-        return Some(Refusal::Refused);
-    }
-    let h2 = h2_error(err)?;
+fn not_processed(err: &SendError) -> Option<Refusal> {
+    let h2 = match err {
+        SendError::NotSent(_) => return Some(Refusal::Refused),
+        SendError::Stream(h2) => h2,
+    };
     if h2.is_go_away() && h2.is_remote() {
         return Some(Refusal::GoingAway);
     }

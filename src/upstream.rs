@@ -5,6 +5,7 @@
 //! holds them weakly, so a backend that leaves etcd is dropped (and its
 //! connections closed) once the last call on it ends.
 
+mod exchange;
 pub(crate) mod health;
 mod load;
 mod outlier;
@@ -21,10 +22,11 @@ use prometheus_client::encoding::DescriptorEncoder;
 use crate::metrics::{encode_counters, encode_gauges, BackendLabel, HealthLabels};
 use crate::tls::ClientTls;
 
+pub use exchange::{send, strip_connection_headers, SendError, UpstreamBody};
 pub use health::HealthCheckSettings;
 pub use load::Load;
 pub use outlier::{Outlier, OutlierSettings, OutlierVerdict};
-pub use pool::{h2_error, Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit};
+pub use pool::{Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit};
 pub use replay::{BoxError, ReplayBody, RequestBody};
 
 /// What active health checks last concluded.

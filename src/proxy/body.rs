@@ -8,14 +8,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
 use super::call::{AttemptRecord, CallRecord};
 use super::status;
-use crate::upstream::{BoxError, ReplayBody};
+use crate::upstream::{BoxError, ReplayBody, UpstreamBody};
 
 pin_project_lite::pin_project! {
     /// A backend's response body on its way to the client: records the
@@ -24,7 +23,7 @@ pin_project_lite::pin_project! {
     /// reset into UNAVAILABLE trailers.
     pub struct Observed {
         #[pin]
-        inner: Incoming,
+        inner: UpstreamBody,
         deadline: Option<Pin<Box<Sleep>>>,
         idle: Idle,
         attempt: AttemptRecord,
@@ -37,7 +36,7 @@ pin_project_lite::pin_project! {
 
 impl Observed {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         deadline: Option<Pin<Box<Sleep>>>,
         idle: Idle,
         attempt: AttemptRecord,

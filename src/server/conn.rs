@@ -337,8 +337,7 @@ async fn serve_connection<IO>(
         // h2's own protections end a connection with GOAWAY ENHANCE_YOUR_CALM
         // (too many resets it had to take or make); other errors of ours
         // are protocol errors of the client's.
-        if let Some(h2) =
-            crate::upstream::h2_error(&err).filter(|e| e.is_library() && e.is_go_away())
+        if let Some(h2) = crate::errors::h2_error(&err).filter(|e| e.is_library() && e.is_go_away())
         {
             let reason = if h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
                 "rapid_reset"

@@ -147,9 +147,9 @@ async fn probe(
         let headers = req.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-        let mut sender = stream.sender.clone();
+        let sender = stream.sender.clone();
         let _permit = stream.into_permit();
-        let resp = match sender.send_request(req).await {
+        let resp = match super::send(sender, req).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(backend = %backend.addr, cause = %crate::errors::chain(&err), "health check failed");
@@ -166,7 +166,7 @@ const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 const SERVING: i32 = 1;
 
 /// What a health-check response says.
-async fn verdict(resp: http::Response<hyper::body::Incoming>) -> CheckedHealth {
+async fn verdict(resp: http::Response<super::UpstreamBody>) -> CheckedHealth {
     if resp.status() != http::StatusCode::OK {
         return CheckedHealth::NotServing;
     }

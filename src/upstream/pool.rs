@@ -7,7 +7,7 @@
 //! when every connection is full it opens another, up to
 //! `max_connections`; beyond that it waits in a bounded queue for at most
 //! `queue_timeout`, then gives up as *not reached*, so the call can go to
-//! another backend. Nothing ever waits without bound inside hyper.
+//! another backend. Nothing ever waits without bound inside h2.
 //!
 //! HTTP/2 conduct toward backends (gRPC servers are strict about pings):
 //! no keep-alive ping while no stream is open; the interval defaults to
@@ -23,14 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 
-use super::replay::ReplayBody;
+use super::exchange::Sender;
 use crate::errors::chain as error_chain;
 
 #[derive(Clone, Debug)]
@@ -95,8 +94,6 @@ pub enum PoolError {
     QueueFull { addr: Arc<str>, queued: usize },
 }
 
-pub type Sender = SendRequest<ReplayBody>;
-
 /// Per-stream receive window toward backends (Envoy's edge guidance).
 const STREAM_WINDOW: u32 = 64 << 10;
 /// HTTP/2's largest window.
@@ -105,19 +102,22 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// One HTTP/2 connection and what the pool knows of it.
 struct Conn {
     sender: Sender,
-    /// Streams the pool handed out on it and that have not ended.
-    streams: AtomicU32,
+    /// Streams the pool handed out on it and that have not ended (shared
+    /// with its keep-alive, which pings only while some are open).
+    streams: Arc<AtomicU32>,
     /// The backend's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen.
     peer_max: Arc<AtomicUsize>,
     /// A GOAWAY arrived: the calls on it finish, no new one starts.
     going_away: Arc<AtomicBool>,
+    /// The connection ended.
+    closed: Arc<AtomicBool>,
     /// The serving runtime whose thread drives it (`listener::runtime_index`).
     home: usize,
 }
 
 impl Conn {
     fn usable(&self) -> bool {
-        !self.going_away.load(Ordering::Relaxed) && !self.sender.is_closed()
+        !self.going_away.load(Ordering::Relaxed) && !self.closed.load(Ordering::Relaxed)
     }
 
     fn limit(&self, cap: u32) -> u32 {
@@ -424,11 +424,11 @@ impl Pool {
 
     /// The connection ended: a backend that found our pings too frequent
     /// gets them half as often from now on.
-    fn connection_ended(&self, outcome: Result<(), hyper::Error>) {
+    fn connection_ended(&self, outcome: Result<(), Ended>) {
         self.freed.notify_waiters();
         let Err(err) = outcome else { return };
-        let Some(h2) = h2_error(&err) else {
-            tracing::debug!(backend = %self.addr, cause = %error_chain(&err), "upstream connection ended");
+        let Ended::H2(h2) = &err else {
+            tracing::info!(backend = %self.addr, cause = %err, "upstream connection ended");
             return;
         };
         if h2.is_go_away() && h2.is_remote() {
@@ -468,18 +468,6 @@ impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// The h2 error behind a hyper error, if any.
-pub fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = e.source();
-    }
-    None
 }
 
 /// Opens one connection for `pool` and adds it, telling every waiter.
@@ -549,13 +537,13 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
         ms => Some(Duration::from_millis(ms)),
     };
     let going_away = Arc::new(AtomicBool::new(false));
-    let (tap, settings_seen) = FrameTap::new(stream, going_away.clone());
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let heard = Arc::new(AtomicBool::new(false));
+    let (tap, settings_seen) = FrameTap::new(stream, going_away.clone(), heard.clone());
+    let handshake = h2::client::Builder::new()
         // A stream holds at most this much a slow client has not taken; the
         // connection's window covers every stream's, so unread streams never
         // stall the others on the connection.
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(
             STREAM_WINDOW
                 .saturating_mul(config.max_streams_per_connection)
@@ -563,26 +551,47 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
         )
         // Until the backend's SETTINGS say otherwise (no limit, if they say nothing).
         .initial_max_send_streams(config.max_streams_per_connection as usize)
-        .keep_alive_interval(keepalive)
-        .keep_alive_timeout(config.keepalive_timeout)
-        .keep_alive_while_idle(false)
-        .handshake(TokioIo::new(tap))
+        // hyper's client defaults, kept when weir moved to h2 directly.
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tap);
+    let (sender, mut connection) = tokio::time::timeout(config.connect_timeout, handshake)
         .await
+        .map_err(|_| ConnectError::Handshake {
+            addr: addr.clone(),
+            cause: format!("no HTTP/2 handshake within {:?}", config.connect_timeout),
+        })?
         .map_err(|e| ConnectError::Handshake {
             addr: addr.clone(),
             cause: error_chain(&e),
         })?;
+    let streams = Arc::new(AtomicU32::new(0));
+    let keepalive = keepalive.and_then(|every| {
+        Some(KeepAlive {
+            ping_pong: connection.ping_pong()?,
+            every,
+            timeout: config.keepalive_timeout,
+            timer: Box::pin(tokio::time::sleep(every)),
+            heard,
+            streams: streams.clone(),
+            awaiting: false,
+        })
+    });
     let peer_max = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicBool::new(false));
     let driven = Driven {
         connection,
         peer_max: peer_max.clone(),
-        nudge: keepalive.map(|every| (Box::pin(tokio::time::sleep(every)), every)),
+        keepalive,
     };
     // Weak: the pool owns its connections, not the other way round; when
     // the backend goes, the pool drops the senders and the connection ends.
     let owner = Arc::downgrade(pool);
+    let ended = closed.clone();
     tokio::spawn(async move {
         let outcome = driven.await;
+        ended.store(true, Ordering::Relaxed);
         if let Some(pool) = owner.upgrade() {
             pool.connection_ended(outcome);
         }
@@ -602,52 +611,112 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
     );
     Ok(Arc::new(Conn {
         sender,
-        streams: AtomicU32::new(0),
+        streams,
         peer_max,
         going_away,
+        closed,
         home: crate::listener::runtime_index(),
     }))
 }
 
+/// Response header blocks larger than this end the stream (hyper's default).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Request bytes h2 buffers per stream beyond the backend's window (hyper's default).
+const MAX_SEND_BUFFER: usize = 400 << 10;
+
 /// A backend connection: plain TCP, or TLS over it.
 type Transport = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
-type Connection =
-    hyper::client::conn::http2::Connection<TokioIo<FrameTap<Transport>>, ReplayBody, TokioExecutor>;
+type Connection = h2::client::Connection<FrameTap<Transport>, Bytes>;
+
+/// How a backend connection ended, when not cleanly.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    #[error("no answer to a keep-alive PING within {0:?}")]
+    KeepAliveTimeout(Duration),
+}
 
 /// Drives a connection, noting the backend's stream limit after each step
-/// (its SETTINGS frames are read while the connection runs).
-///
-/// hyper decides whether a keep-alive ping is due only when the connection
-/// is polled, and a connection whose streams are all quiet is not polled:
-/// without a nudge, a quiet stream would never be pinged (and a dead peer
-/// never noticed). So the driver wakes itself once per interval.
+/// (its SETTINGS frames are read while the connection runs), and pings
+/// the backend while streams are open but it has been quiet.
 struct Driven {
     connection: Connection,
     peer_max: Arc<AtomicUsize>,
-    nudge: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+    keepalive: Option<KeepAlive>,
 }
 
 impl Future for Driven {
-    type Output = Result<(), hyper::Error>;
+    type Output = Result<(), Ended>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let outcome = Pin::new(&mut this.connection).poll(cx);
         this.peer_max.store(
-            this.connection.current_max_send_streams(),
+            this.connection.max_concurrent_send_streams(),
             Ordering::Relaxed,
         );
-        if outcome.is_pending() {
-            if let Some((sleep, every)) = this.nudge.as_mut() {
-                while sleep.as_mut().poll(cx).is_ready() {
-                    let next = Instant::now() + *every;
-                    sleep.as_mut().reset(next);
-                    cx.waker().wake_by_ref(); // poll the connection once more
-                }
+        if let Poll::Ready(outcome) = outcome {
+            return Poll::Ready(outcome.map_err(Ended::from));
+        }
+        if let Some(keepalive) = this.keepalive.as_mut() {
+            keepalive.poll(cx)?;
+        }
+        Poll::Pending
+    }
+}
+
+/// Keep-alive pings, as gRPC servers accept them: only while streams are
+/// open, and only after an interval in which nothing came from the
+/// backend; a ping unanswered within the timeout ends the connection (a
+/// dead peer is noticed).
+struct KeepAlive {
+    ping_pong: h2::PingPong,
+    every: Duration,
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Bytes came from the backend since the last tick (set by the tap).
+    heard: Arc<AtomicBool>,
+    /// The pool's count of open streams on this connection.
+    streams: Arc<AtomicU32>,
+    /// A ping is out, not yet answered.
+    awaiting: bool,
+}
+
+impl KeepAlive {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Result<(), Ended> {
+        if self.awaiting {
+            if let Poll::Ready(answered) = self.ping_pong.poll_pong(cx) {
+                // An error here is the connection's, which it reports itself.
+                let _ = answered;
+                self.awaiting = false;
+                self.heard.store(false, Ordering::Relaxed);
+                self.timer.as_mut().reset(Instant::now() + self.every);
             }
         }
-        outcome
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if self.awaiting {
+                return Err(Ended::KeepAliveTimeout(self.timeout));
+            }
+            let heard = self.heard.swap(false, Ordering::Relaxed);
+            if heard || self.streams.load(Ordering::Relaxed) == 0 {
+                self.timer.as_mut().reset(Instant::now() + self.every);
+                continue;
+            }
+            if self.ping_pong.send_ping(h2::Ping::opaque()).is_ok() {
+                self.awaiting = true;
+                self.timer.as_mut().reset(Instant::now() + self.timeout);
+                // Registers for the answer.
+                if self.ping_pong.poll_pong(cx).is_ready() {
+                    self.awaiting = false;
+                    self.timer.as_mut().reset(Instant::now() + self.every);
+                }
+            } else {
+                self.timer.as_mut().reset(Instant::now() + self.every);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -668,6 +737,8 @@ struct FrameTap<IO> {
     first_settings: Option<Vec<u8>>,
     seen: Option<tokio::sync::oneshot::Sender<Option<u32>>>,
     going_away: Arc<AtomicBool>,
+    /// Set whenever bytes arrive (the keep-alive's sign of life).
+    heard: Arc<AtomicBool>,
 }
 
 const FRAME_SETTINGS: u8 = 0x4;
@@ -677,6 +748,7 @@ impl<IO> FrameTap<IO> {
     fn new(
         io: IO,
         going_away: Arc<AtomicBool>,
+        heard: Arc<AtomicBool>,
     ) -> (Self, tokio::sync::oneshot::Receiver<Option<u32>>) {
         let (seen, rx) = tokio::sync::oneshot::channel();
         let tap = FrameTap {
@@ -687,11 +759,15 @@ impl<IO> FrameTap<IO> {
             first_settings: None,
             seen: Some(seen),
             going_away,
+            heard,
         };
         (tap, rx)
     }
 
     fn observe(&mut self, mut read: &[u8]) {
+        if !read.is_empty() {
+            self.heard.store(true, Ordering::Relaxed);
+        }
         while !read.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(read.len());
@@ -723,7 +799,7 @@ impl<IO> FrameTap<IO> {
                 if kind == FRAME_SETTINGS && h[4] & 0x1 == 0 {
                     self.first_settings = Some(Vec::with_capacity(length));
                 } else {
-                    // Not SETTINGS first: hyper will fail the handshake.
+                    // Not SETTINGS first: h2 will fail the handshake.
                     if let Some(seen) = self.seen.take() {
                         let _handshake_may_have_given_up = seen.send(None);
                     }
@@ -822,7 +898,7 @@ mod tests {
     #[test]
     fn the_tap_reads_the_stream_limit_from_the_first_settings_frame_in_pieces() {
         let going_away = Arc::new(AtomicBool::new(false));
-        let (mut tap, mut seen) = FrameTap::new((), going_away.clone());
+        let (mut tap, mut seen) = FrameTap::new((), going_away.clone(), Arc::default());
         let frame = settings(&[(0x4, 65535), (0x3, 10), (0x5, 16384)]);
         for chunk in frame.chunks(4) {
             tap.observe(chunk);
@@ -833,7 +909,7 @@ mod tests {
 
     #[test]
     fn settings_without_a_limit_say_so() {
-        let (mut tap, mut seen) = FrameTap::new((), Arc::new(AtomicBool::new(false)));
+        let (mut tap, mut seen) = FrameTap::new((), Arc::default(), Arc::default());
         tap.observe(&settings(&[(0x4, 65535)]));
         assert_eq!(seen.try_recv().unwrap(), None);
     }
@@ -841,7 +917,7 @@ mod tests {
     #[test]
     fn a_goaway_after_other_frames_marks_the_connection_at_once() {
         let going_away = Arc::new(AtomicBool::new(false));
-        let (mut tap, _seen) = FrameTap::new((), going_away.clone());
+        let (mut tap, _seen) = FrameTap::new((), going_away.clone(), Arc::default());
         let mut bytes = settings(&[(0x3, 100)]);
         // A DATA frame of 5 bytes, then GOAWAY (last stream 7, NO_ERROR).
         bytes.extend_from_slice(&[0, 0, 5, 0x0, 0, 0, 0, 0, 1, b'h', b'e', b'l', b'l', b'o']);
@@ -851,5 +927,45 @@ mod tests {
         assert!(!going_away.load(Ordering::Relaxed));
         tap.observe(rest);
         assert!(going_away.load(Ordering::Relaxed));
+    }
+
+    /// A backend that stops answering (its process hung, the path to it
+    /// dropped) is noticed by the keep-alive: the call on it fails and
+    /// the connection leaves the pool, instead of waiting forever.
+    #[tokio::test]
+    async fn a_backend_that_stops_answering_pings_loses_its_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let request = conn.accept().await.unwrap().unwrap();
+            accepted_tx.send(()).unwrap();
+            // Hung: holds the call and the connection, reads nothing more.
+            std::future::pending::<()>().await;
+            drop((conn, request));
+        });
+        let config = PoolConfig {
+            keepalive_interval: Some(Duration::from_millis(100)),
+            keepalive_timeout: Duration::from_millis(300),
+            ..PoolConfig::default()
+        };
+        let pool = Arc::new(Pool::new(addr.clone(), config, None));
+        let stream = pool.stream().await.expect("a stream");
+        let mut request = http::Request::new(super::super::ReplayBody::fixed(Bytes::from_static(
+            b"hello",
+        )));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = format!("http://{addr}/a.B/C").parse().unwrap();
+        let sent = tokio::spawn(super::super::send(stream.sender.clone(), request));
+        accepted_rx.await.expect("the backend took the call");
+        let outcome = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("the call ended within 10 s")
+            .unwrap();
+        assert!(outcome.is_err(), "a hung backend answered: {outcome:?}");
+        drop(stream);
+        assert!(!pool.is_connected(), "the dead connection is still offered");
     }
 }
