@@ -622,7 +622,7 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
 /// Response header blocks larger than this end the stream (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Request bytes h2 buffers per stream beyond the backend's window (hyper's default).
-const MAX_SEND_BUFFER: usize = 400 << 10;
+const MAX_SEND_BUFFER: usize = 1 << 20;
 
 /// A backend connection: plain TCP, or TLS over it.
 type Transport = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
