@@ -451,7 +451,7 @@ impl Proxy {
         };
         let mut upstream = Request::new(body);
         *upstream.method_mut() = http::Method::POST;
-        *upstream.uri_mut() = upstream_uri(&member.backend.addr, &parts.uri);
+        *upstream.uri_mut() = upstream_uri(&member.backend, &parts.uri);
         *upstream.headers_mut() = HeaderMap::clone(headers);
         if let Some(span) = &span {
             span.inject(upstream.headers_mut());
@@ -672,14 +672,14 @@ async fn within<T>(
     }
 }
 
-fn upstream_uri(addr: &str, original: &http::Uri) -> http::Uri {
-    let path = original.path_and_query().map_or("/", |p| p.as_str());
-    http::Uri::builder()
-        .scheme("http")
-        .authority(addr)
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| original.clone())
+/// The request's URI toward `backend`: its authority (parsed once, when the
+/// backend was made), the client's path (shared, not copied).
+fn upstream_uri(backend: &upstream::Backend, original: &http::Uri) -> http::Uri {
+    let path = original
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    backend.uri(path).unwrap_or_else(|| original.clone())
 }
 
 /// A trailers-only CANCELLED or UNAVAILABLE on a connection the backend

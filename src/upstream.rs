@@ -52,6 +52,9 @@ impl CheckedHealth {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: Arc<str>,
+    /// `addr` as a URI authority, parsed once (`None`: not one; such a
+    /// backend is never dialled successfully either).
+    authority: Option<http::uri::Authority>,
     pub pool: Arc<Pool>,
     pub load: Load,
     pub outlier: Outlier,
@@ -63,9 +66,20 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The URI of a request to this backend for `path` (`http`: TLS, when
+    /// used, is the connection's). `None` when the address is no authority.
+    pub fn uri(&self, path: http::uri::PathAndQuery) -> Option<http::Uri> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone()?);
+        parts.path_and_query = Some(path);
+        http::Uri::from_parts(parts).ok()
+    }
+
     fn new(addr: Arc<str>, pool: PoolConfig, tls: Option<Arc<ClientTls>>) -> Self {
         Backend {
             pool: Arc::new(Pool::new(addr.clone(), pool, tls)),
+            authority: addr.parse().ok(),
             addr,
             load: Load::default(),
             outlier: Outlier::default(),
@@ -300,5 +314,28 @@ impl Collector for BackendStats {
             "calls in flight on a backend",
             live.iter().map(|b| (label(b), i64::from(b.load.active()))),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(addr: &str) -> Backend {
+        Backend::new(addr.into(), PoolConfig::default(), None)
+    }
+
+    #[test]
+    fn a_backends_uri_is_its_address_and_the_calls_path() {
+        let path = |p: &'static str| http::uri::PathAndQuery::from_static(p);
+        assert_eq!(
+            backend("127.0.0.1:50051").uri(path("/a.B/C")).unwrap(),
+            "http://127.0.0.1:50051/a.B/C"
+        );
+        assert_eq!(
+            backend("[::1]:7000").uri(path("/x.Y/Z")).unwrap(),
+            "http://[::1]:7000/x.Y/Z"
+        );
+        assert!(backend("not an address").uri(path("/a.B/C")).is_none());
     }
 }

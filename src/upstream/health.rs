@@ -137,7 +137,7 @@ async fn probe(
                 return None;
             }
         };
-        let Ok(uri) = http::Uri::try_from(format!("http://{}{CHECK_PATH}", backend.addr)) else {
+        let Some(uri) = backend.uri(http::uri::PathAndQuery::from_static(CHECK_PATH)) else {
             tracing::warn!(backend = %backend.addr, "backend address is not a URI authority; not serving");
             return Some(CheckedHealth::NotServing);
         };
