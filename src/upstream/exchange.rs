@@ -66,11 +66,18 @@ pub async fn send(
     })
     .await
     .map_err(SendError::Stream)?;
-    if let Some(pump) = pump {
-        // The request streams on after the response began.
+    let mut response = head.map(UpstreamBody::new);
+    if let Some(mut pump) = pump {
+        // The request streams on after the response began, in a task of
+        // its own, told when the response side is gone: its handle on the
+        // stream would keep h2 from resetting it, so a backend would never
+        // hear of a call the client or the gateway ended.
+        let (alive, gone) = tokio::sync::oneshot::channel();
+        pump.response_gone = Some(gone);
+        response.body_mut().pump = Some(alive);
         tokio::spawn(pump);
     }
-    Ok(head.map(UpstreamBody::new))
+    Ok(response)
 }
 
 /// Removes the headers HTTP/2 forbids (RFC 9113 §8.2.2), which h2 refuses
@@ -99,6 +106,8 @@ struct Pump {
     stream: h2::SendStream<Bytes>,
     /// A chunk taken from the body, waiting for the backend's window.
     waiting: Option<(Bytes, bool)>,
+    /// Resolves once the response body is dropped (a pump of its own only).
+    response_gone: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Pump {
@@ -107,6 +116,7 @@ impl Pump {
             body,
             stream,
             waiting: None,
+            response_gone: None,
         }
     }
 }
@@ -119,6 +129,15 @@ impl Future for Pump {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         loop {
+            // The response ended or was let go (the call is over): nothing
+            // more goes to the backend, and it hears so (not a clean end of
+            // the request, which would pass a cut-off upload as whole).
+            if let Some(gone) = this.response_gone.as_mut() {
+                if Pin::new(gone).poll(cx).is_ready() {
+                    this.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+            }
             // The backend reset the stream: nothing more to send.
             if this.stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(());
@@ -180,11 +199,13 @@ impl Future for Pump {
 
 /// A backend's response body: its DATA frames, then its trailers. Bytes
 /// taken are given back to the backend's window at once; dropped before
-/// its end, the stream is reset (CANCEL).
+/// its end, the stream is reset (CANCEL), the request's pump with it.
 #[derive(Debug)]
 pub struct UpstreamBody {
     recv: h2::RecvStream,
     data_done: bool,
+    /// Keeps a request's own pump going; dropped with the body, it stops it.
+    pump: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl UpstreamBody {
@@ -192,6 +213,7 @@ impl UpstreamBody {
         UpstreamBody {
             recv,
             data_done: false,
+            pump: None,
         }
     }
 }
@@ -225,5 +247,63 @@ impl Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{BoxError, RequestBody};
+
+    /// A request body whose client never sends more nor ends it.
+    struct Open;
+
+    impl Body for Open {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A streaming call the gateway ends (its deadline, its idle timeout,
+    /// a client gone) while the request is still open: the backend's stream
+    /// is reset, though the request's own pump still holds it.
+    #[tokio::test]
+    async fn letting_go_of_the_response_resets_a_request_still_streaming() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut stream = respond
+                .send_response(Response::new(()), false)
+                .expect("headers sent");
+            let mut body = request.into_body();
+            let ended = tokio::select! {
+                data = body.data() => format!("{data:?}"),
+                reset = std::future::poll_fn(|cx| stream.poll_reset(cx)) => format!("{reset:?}"),
+            };
+            ended
+        });
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = h2::client::handshake(socket).await.unwrap();
+        tokio::spawn(conn);
+        let mut request = Request::new(ReplayBody::new(RequestBody::boxed(Open)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = format!("http://{addr}/a.B/C").parse().unwrap();
+        let response = send(sender, request).await.expect("the response head");
+        drop(response);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), backend)
+            .await
+            .expect("the backend heard within 10 s")
+            .unwrap();
+        assert!(ended.contains("CANCEL"), "the backend saw {ended}");
     }
 }
