@@ -314,6 +314,10 @@ pub struct UpstreamSection {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` too is respected).
     #[serde(default = "defaults::max_streams_per_connection")]
     pub max_streams_per_connection: u32,
+    /// Requests one connection carries before it is replaced (its calls
+    /// finish first); unset: until HTTP/2's stream ids run out (2^30).
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u64>,
     /// Calls that may wait for a free stream to one backend at once.
     #[serde(default = "defaults::max_queued_per_backend")]
     pub max_queued_per_backend: usize,
@@ -799,6 +803,16 @@ impl Config {
                 "must be at least 1",
             );
         }
+        if upstream
+            .max_requests_per_connection
+            // A client's HTTP/2 stream ids: the odd numbers below 2^31.
+            .is_some_and(|n| !(1..=1 << 30).contains(&n))
+        {
+            return fail(
+                "upstream.max_requests_per_connection".into(),
+                "must be between 1 and 1073741824 (HTTP/2's stream ids)",
+            );
+        }
         if upstream.keepalive_interval > MAX_DURATION {
             return fail("upstream.keepalive_interval".into(), "must be at most 24h");
         }
@@ -1077,6 +1091,15 @@ mod tests {
         assert!(msg("[[route]]\nmatch = \"/a.B/\"\nservice = 3").contains("route[0].service"));
         assert!(msg("listen = \"nowhere\"").contains("listen"));
         assert!(msg("[etcd]\nendpoints = []").contains("etcd.endpoints"));
+        assert!(msg("[upstream]\nmax_requests_per_connection = 0")
+            .contains("upstream.max_requests_per_connection"));
+        assert!(msg("[upstream]\nmax_requests_per_connection = 2000000000")
+            .contains("upstream.max_requests_per_connection"));
+        let lifetime = parse("[upstream]\nmax_requests_per_connection = 1000000").unwrap();
+        assert_eq!(
+            lifetime.upstream.max_requests_per_connection,
+            Some(1_000_000)
+        );
     }
 
     /// Each of these once panicked at start (a zero interval, a division to

@@ -514,6 +514,14 @@ impl Proxy {
                     stream_idle_timeout,
                 })
             }
+            Some(Err(err @ SendError::Malformed(_))) => {
+                // Not the backend's doing, and no other would take it.
+                record.set_status(status::INTERNAL);
+                Attempt::Failed(ProxyError::Unsendable {
+                    service: service.name.to_string(),
+                    cause: crate::errors::chain(&err),
+                })
+            }
             Some(Err(err)) => {
                 let error = upstream_error(crate::errors::chain(&err));
                 match not_processed(&err) {
@@ -735,6 +743,7 @@ fn not_processed(err: &SendError) -> Option<Refusal> {
     let h2 = match err {
         SendError::NotSent(_) => return Some(Refusal::Refused),
         SendError::Stream(h2) => h2,
+        SendError::Malformed(_) => return None,
     };
     if h2.is_go_away() && h2.is_remote() {
         return Some(Refusal::GoingAway);

@@ -26,7 +26,7 @@ pub use exchange::{send, strip_connection_headers, SendError, UpstreamBody};
 pub use health::HealthCheckSettings;
 pub use load::Load;
 pub use outlier::{Outlier, OutlierSettings, OutlierVerdict};
-pub use pool::{Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit};
+pub use pool::{Pool, PoolConfig, PoolError, PoolView, Stream, StreamPermit, STREAM_IDS};
 pub use replay::{BoxError, ReplayBody, RequestBody};
 
 /// What active health checks last concluded.

@@ -38,6 +38,9 @@ impl From<&UpstreamSection> for PoolConfig {
             connections: section.connections_per_backend,
             max_connections: section.max_connections_per_backend,
             max_streams_per_connection: section.max_streams_per_connection,
+            max_requests_per_connection: section
+                .max_requests_per_connection
+                .unwrap_or(crate::upstream::STREAM_IDS),
             max_queued: section.max_queued_per_backend,
             queue_timeout: section.queue_timeout,
             connect_timeout: section.connect_timeout,

@@ -114,6 +114,8 @@ pub enum ProxyError {
         backend: String,
         cause: String,
     },
+    #[error("service {service:?}: {cause}")]
+    Unsendable { service: String, cause: String },
     #[error("deadline exceeded at the gateway before {service:?} answered")]
     DeadlineExceeded { service: String },
     #[error("service {service:?}: no bytes moved for {after:?} (the stream idle timeout)")]
@@ -144,6 +146,7 @@ impl ProxyError {
             | ProxyError::Unreachable { .. }
             | ProxyError::Upstream { .. } => UNAVAILABLE,
             ProxyError::DeadlineExceeded { .. } | ProxyError::Idle { .. } => DEADLINE_EXCEEDED,
+            ProxyError::Unsendable { .. } => INTERNAL,
         }
     }
 

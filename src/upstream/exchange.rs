@@ -39,6 +39,10 @@ pub enum SendError {
     /// The stream was opened; it ended before the response head.
     #[error(transparent)]
     Stream(h2::Error),
+    /// h2 refused the request itself (a header HTTP/2 forbids, a URI with
+    /// no authority): no backend would take it either.
+    #[error("the request cannot be sent over HTTP/2: {0}")]
+    Malformed(#[source] h2::Error),
 }
 
 /// Sends `request` on a new stream of `sender`'s connection; resolves with
@@ -54,7 +58,16 @@ pub async fn send(
     let end = body.is_end_stream();
     let (mut response, stream) = sender
         .send_request(Request::from_parts(parts, ()), end)
-        .map_err(SendError::NotSent)?;
+        .map_err(|err| {
+            // The connection's own errors carry a reason or come from its
+            // socket; the rest are h2's objections to the request (the
+            // pool retires a connection before its stream ids run out).
+            if err.reason().is_some() || err.is_io() || err.is_go_away() {
+                SendError::NotSent(err)
+            } else {
+                SendError::Malformed(err)
+            }
+        })?;
     let mut pump = (!end).then(|| Pump::new(body, stream));
     let head = poll_fn(|cx| {
         if let Some(p) = pump.as_mut() {
@@ -305,5 +318,57 @@ mod tests {
             .expect("the backend heard within 10 s")
             .unwrap();
         assert!(ended.contains("CANCEL"), "the backend saw {ended}");
+    }
+
+    async fn backend_connection(
+        close_at_once: bool,
+    ) -> (
+        Sender,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+        String,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            if close_at_once {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            }
+            while conn.accept().await.is_some() {}
+        });
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = h2::client::handshake(socket).await.unwrap();
+        (sender, tokio::spawn(conn), format!("http://{addr}/a.B/C"))
+    }
+
+    fn request(uri: &str) -> Request<ReplayBody> {
+        let mut request = Request::new(ReplayBody::fixed(Bytes::from_static(b"x")));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri.parse().unwrap();
+        request
+    }
+
+    /// A request h2 will not send is no backend's fault: it is not retried
+    /// elsewhere as "not reached", it fails as what it is.
+    #[tokio::test]
+    async fn a_request_h2_refuses_is_malformed_not_unsent() {
+        let (sender, _conn, uri) = backend_connection(false).await;
+        let mut bad = request(&uri);
+        bad.headers_mut()
+            .insert(http::header::CONNECTION, "keep-alive".parse().unwrap());
+        let err = send(sender, bad).await.expect_err("h2 refuses it");
+        assert!(matches!(err, SendError::Malformed(_)), "{err:?}");
+    }
+
+    /// A connection the backend closed takes no request: it was not sent,
+    /// and may go to another connection or backend.
+    #[tokio::test]
+    async fn a_request_on_a_closed_connection_is_not_sent() {
+        let (sender, conn, uri) = backend_connection(true).await;
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), conn).await;
+        assert!(ended.is_ok(), "the connection ended within 10 s");
+        let err = send(sender, request(&uri)).await.expect_err("not sent");
+        assert!(matches!(err, SendError::NotSent(_)), "{err:?}");
     }
 }

@@ -41,6 +41,10 @@ pub struct PoolConfig {
     pub max_connections: usize,
     /// Streams one connection carries at most, whatever the backend allows.
     pub max_streams_per_connection: u32,
+    /// Requests one connection carries in its life; then it takes no new
+    /// one, finishes those it has and closes, and another opens. At most
+    /// [`STREAM_IDS`].
+    pub max_requests_per_connection: u64,
     /// Calls that may wait for a stream at once (beyond: not reached at once).
     pub max_queued: usize,
     /// How long a call waits for a stream before it is not reached.
@@ -57,6 +61,7 @@ impl Default for PoolConfig {
             connections: 1,
             max_connections: 32,
             max_streams_per_connection: 1000,
+            max_requests_per_connection: STREAM_IDS,
             max_queued: 1000,
             queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
@@ -94,6 +99,11 @@ pub enum PoolError {
     QueueFull { addr: Arc<str>, queued: usize },
 }
 
+/// Streams a client can open on one HTTP/2 connection: its stream ids are
+/// the odd numbers below 2^31 (RFC 9113 §5.1.1). h2 refuses the next one
+/// without closing the connection, so the pool retires a connection first.
+pub const STREAM_IDS: u64 = 1 << 30;
+
 /// Per-stream receive window toward backends (Envoy's edge guidance).
 const STREAM_WINDOW: u32 = 64 << 10;
 /// HTTP/2's largest window.
@@ -111,13 +121,19 @@ struct Conn {
     going_away: Arc<AtomicBool>,
     /// The connection ended.
     closed: Arc<AtomicBool>,
+    /// Streams opened on it so far (changed under the pool's lock).
+    opened: AtomicU64,
+    /// It carried `max_requests_per_connection`: no new stream starts.
+    retired: AtomicBool,
     /// The serving runtime whose thread drives it (`listener::runtime_index`).
     home: usize,
 }
 
 impl Conn {
     fn usable(&self) -> bool {
-        !self.going_away.load(Ordering::Relaxed) && !self.closed.load(Ordering::Relaxed)
+        !self.going_away.load(Ordering::Relaxed)
+            && !self.closed.load(Ordering::Relaxed)
+            && !self.retired.load(Ordering::Relaxed)
     }
 
     fn limit(&self, cap: u32) -> u32 {
@@ -317,7 +333,14 @@ impl Pool {
             let busy = conn.streams.load(Ordering::Relaxed) > 0;
             let away = conn.home != here;
             let spread = busy && conns.open.len() < self.config.connections.min(max);
-            if (spread || away) && conns.connecting == 0 && conns.open.len() < max {
+            let opened = conn.opened.fetch_add(1, Ordering::Relaxed) + 1;
+            let lifetime = self.config.max_requests_per_connection.clamp(1, STREAM_IDS);
+            let retiring = opened >= lifetime;
+            if retiring {
+                // Its last stream: the next call opens another connection.
+                conn.retired.store(true, Ordering::Relaxed);
+            }
+            if (spread || away || retiring) && conns.connecting == 0 && conns.open.len() < max {
                 conns.connecting += 1;
                 tokio::spawn(connect_into(self.clone()));
             }
@@ -615,6 +638,8 @@ async fn connect(pool: &Arc<Pool>) -> Result<Arc<Conn>, ConnectError> {
         peer_max,
         going_away,
         closed,
+        opened: AtomicU64::new(0),
+        retired: AtomicBool::new(false),
         home: crate::listener::runtime_index(),
     }))
 }
@@ -967,5 +992,68 @@ mod tests {
         assert!(outcome.is_err(), "a hung backend answered: {outcome:?}");
         drop(stream);
         assert!(!pool.is_connected(), "the dead connection is still offered");
+    }
+
+    /// A connection that carried `max_requests_per_connection` takes no
+    /// more: the next call opens another, and the old one closes once its
+    /// calls are done (h2 ids run out after 2^30 streams, and a backend
+    /// added to a fleet gets its share of long-lived clients).
+    #[tokio::test]
+    async fn a_connection_retires_after_its_request_limit_and_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        // Per accepted connection: requests it served, and whether it ended.
+        let (served_tx, mut served_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for index in 0.. {
+                let (socket, _) = listener.accept().await.unwrap();
+                let served = served_tx.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(socket).await.unwrap();
+                    let mut requests = 0;
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        requests += 1;
+                        let response = http::Response::new(());
+                        respond.send_response(response, true).unwrap();
+                    }
+                    served.send((index, requests)).unwrap();
+                });
+            }
+        });
+        let config = PoolConfig {
+            max_requests_per_connection: 3,
+            ..PoolConfig::default()
+        };
+        let pool = Arc::new(Pool::new(addr.clone(), config, None));
+        for _ in 0..7 {
+            let stream = pool.stream().await.expect("a stream");
+            let mut request = http::Request::new(super::super::ReplayBody::fixed(
+                Bytes::from_static(b"hello"),
+            ));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = format!("http://{addr}/a.B/C").parse().unwrap();
+            let response = super::super::send(stream.sender.clone(), request)
+                .await
+                .expect("answered");
+            assert_eq!(response.status(), 200);
+        }
+        let mut ended = Vec::new();
+        while ended.len() < 2 {
+            let next = tokio::time::timeout(Duration::from_secs(10), served_rx.recv())
+                .await
+                .expect("the retired connections closed within 10 s");
+            ended.push(next.unwrap());
+        }
+        ended.sort();
+        assert_eq!(
+            ended,
+            [(0, 3), (1, 3)],
+            "connections closed with the requests they served"
+        );
+        assert_eq!(
+            pool.view().connections,
+            1,
+            "one connection open, with the 7th call's"
+        );
     }
 }

@@ -87,6 +87,8 @@ struct ReplayState {
     ended: bool,
     /// Only the newest attempt may read on from the client.
     attempt: u32,
+    /// Frames of `kept` the newest attempt has sent.
+    replayed: usize,
     /// When a frame last came from the client (for the stream idle timeout).
     last_read: tokio::time::Instant,
     /// Data bytes taken from the client so far.
@@ -98,8 +100,6 @@ struct ReplayState {
 pub struct ReplayBody {
     state: Arc<Mutex<ReplayState>>,
     attempt: u32,
-    /// Frames of `kept` this attempt has sent.
-    pos: usize,
     sent_trailers: bool,
 }
 
@@ -113,6 +113,7 @@ impl ReplayBody {
             trailers: None,
             ended: false,
             attempt: 0,
+            replayed: 0,
             last_read: tokio::time::Instant::now(),
             read_bytes: 0,
         })
@@ -128,6 +129,7 @@ impl ReplayBody {
             trailers: None,
             ended: true,
             attempt: 0,
+            replayed: 0,
             last_read: tokio::time::Instant::now(),
             read_bytes: 0,
         })
@@ -137,7 +139,6 @@ impl ReplayBody {
         ReplayBody {
             state: Arc::new(Mutex::new(state)),
             attempt: 0,
-            pos: 0,
             sent_trailers: false,
         }
     }
@@ -147,7 +148,6 @@ impl ReplayBody {
         ReplayBody {
             state: self.state.clone(),
             attempt: u32::MAX,
-            pos: 0,
             sent_trailers: true,
         }
     }
@@ -163,12 +163,14 @@ impl ReplayBody {
     }
 
     /// No attempt will follow (a backend answered): what was kept for one
-    /// is let go.
+    /// is let go, once the answering attempt has sent it (a retried call's
+    /// backend may answer before its replay is through).
     pub fn stop_keeping(&self) {
         let mut state = self.state.lock().expect("replay state poisoned");
         state.overflowed = true;
-        state.kept = Vec::new();
-        state.kept_bytes = 0;
+        if state.replayed >= state.kept.len() {
+            state.let_go_of_kept();
+        }
     }
 
     /// A body for the next attempt, or `None` once too much was sent to replay.
@@ -178,12 +180,20 @@ impl ReplayBody {
             return None;
         }
         state.attempt += 1;
+        state.replayed = 0;
         Some(ReplayBody {
             state: self.state.clone(),
             attempt: state.attempt,
-            pos: 0,
             sent_trailers: false,
         })
+    }
+}
+
+impl ReplayState {
+    fn let_go_of_kept(&mut self) {
+        self.kept = Vec::new();
+        self.kept_bytes = 0;
+        self.replayed = 0;
     }
 }
 
@@ -200,9 +210,13 @@ impl Body for ReplayBody {
         if state.attempt != this.attempt {
             return Poll::Ready(Some(Err("superseded by a retry".into())));
         }
-        if this.pos < state.kept.len() {
-            this.pos += 1;
-            return Poll::Ready(Some(Ok(Frame::data(state.kept[this.pos - 1].clone()))));
+        if let Some(frame) = state.kept.get(state.replayed).cloned() {
+            state.replayed += 1;
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
+        }
+        if state.overflowed && !state.kept.is_empty() {
+            // Replayed whole, and no attempt follows.
+            state.let_go_of_kept();
         }
         if state.ended {
             if !this.sent_trailers {
@@ -232,10 +246,10 @@ impl Body for ReplayBody {
                     if !state.overflowed && state.kept_bytes + data.len() <= REPLAY_LIMIT {
                         state.kept_bytes += data.len();
                         state.kept.push(data.clone());
-                        this.pos += 1;
+                        state.replayed += 1;
                     } else if !state.overflowed {
                         state.overflowed = true;
-                        state.kept = Vec::new();
+                        state.let_go_of_kept();
                     }
                 } else if let Some(t) = frame.trailers_ref() {
                     state.trailers = Some(t.clone());
@@ -249,12 +263,81 @@ impl Body for ReplayBody {
 
     fn is_end_stream(&self) -> bool {
         let state = self.state.lock().expect("replay state poisoned");
-        self.pos >= state.kept.len()
+        state.attempt == self.attempt
+            && state.replayed >= state.kept.len()
             && (state.ended && (self.sent_trailers || state.trailers.is_none())
                 || state.inner.as_ref().is_none_or(|i| i.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A client body that has sent `frames` and may send more.
+    struct Client(VecDeque<&'static str>);
+
+    impl Body for Client {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.pop_front() {
+                Some(data) => {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+                }
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn next(body: &mut ReplayBody) -> Option<String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let data = frame.into_data().expect("a data frame");
+                Some(String::from_utf8(data.to_vec()).unwrap())
+            }
+            Poll::Ready(other) => panic!("not a data frame: {other:?}"),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_retry_answered_mid_replay_still_sends_the_rest_of_the_replay() {
+        let call = ReplayBody::new(RequestBody::boxed(Client(["a", "b", "c", "d"].into())));
+        let mut first = call.retry().expect("a first attempt");
+        assert_eq!(next(&mut first).as_deref(), Some("a"));
+        assert_eq!(next(&mut first).as_deref(), Some("b"));
+        let mut second = call.retry().expect("a retry");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            matches!(
+                Pin::new(&mut first).poll_frame(&mut cx),
+                Poll::Ready(Some(Err(_)))
+            ),
+            "the first attempt is superseded"
+        );
+        assert_eq!(next(&mut second).as_deref(), Some("a"));
+        // Its backend answers now, the replay half sent.
+        call.stop_keeping();
+        assert!(call.retry().is_none(), "no attempt follows an answer");
+        assert_eq!(next(&mut second).as_deref(), Some("b"));
+        assert_eq!(next(&mut second).as_deref(), Some("c"));
+        assert_eq!(next(&mut second).as_deref(), Some("d"));
+        assert_eq!(next(&mut second), None);
+        let state = call.state.lock().unwrap();
+        assert!(
+            state.kept.is_empty() && state.kept_bytes == 0,
+            "let go once replayed"
+        );
     }
 }
