@@ -15,8 +15,11 @@ pub mod status;
 pub mod timeout;
 pub mod trace;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -24,7 +27,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
 use smallvec::SmallVec;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{Balancer, HiddenHeaders, PickContext, RouteOptions};
@@ -217,10 +220,44 @@ struct CallParts<'a> {
 struct Answered {
     response: Response<UpstreamBody>,
     attempt: AttemptRecord,
-    deadline: Option<Instant>,
-    /// The request body (for its activity) and the idle bound.
-    request: ReplayBody,
-    stream_idle_timeout: Duration,
+    /// The attempt's own timers, armed since it began, carried on into
+    /// the response: one timer each per call, not one per phase.
+    timers: Timers,
+}
+
+/// An attempt's deadline and stream idle timeout.
+struct Timers {
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Idle,
+}
+
+impl Timers {
+    fn new(deadline: Option<Instant>, request: &ReplayBody, idle_limit: Duration) -> Self {
+        Timers {
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle: Idle::new(request.clone_handle(), idle_limit),
+        }
+    }
+
+    /// Resolves with what ended the wait: the deadline, or idleness.
+    fn expired(&mut self) -> impl Future<Output = Expired> + '_ {
+        std::future::poll_fn(|cx| {
+            if let Some(deadline) = self.deadline.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Expired::Deadline);
+                }
+            }
+            if self.idle.poll_expired(cx) {
+                return Poll::Ready(Expired::Idle);
+            }
+            Poll::Pending
+        })
+    }
+}
+
+enum Expired {
+    Deadline,
+    Idle,
 }
 
 /// How one attempt on one backend ended. (Moved once per attempt: boxing
@@ -306,7 +343,7 @@ impl Proxy {
         // The client's deadline, clipped; else the route's longest call.
         let deadline = parts
             .headers
-            .get("grpc-timeout")
+            .get(status::GRPC_TIMEOUT)
             .and_then(timeout::parse)
             .map(|d| d.min(self.state.limits().max_grpc_timeout))
             .or(target.max_duration)
@@ -460,7 +497,7 @@ impl Proxy {
             let left = deadline.saturating_duration_since(Instant::now());
             upstream
                 .headers_mut()
-                .insert("grpc-timeout", timeout::encode(left));
+                .insert(status::GRPC_TIMEOUT, timeout::encode(left));
         }
         let mut record = AttemptRecord::start(
             self.state.clone(),
@@ -470,16 +507,21 @@ impl Proxy {
             call_started,
         );
         record.traced_by(span);
+        let mut timers = Timers::new(deadline, request, stream_idle_timeout);
         let sent = tokio::select! {
-            sent = within(deadline, upstream::send(stream.sender.clone(), upstream)) => sent,
-            _ = idle(request, stream_idle_timeout) => {
-                record.hold(stream.into_permit());
-                record.deadline_passed();
-                return Attempt::Failed(ProxyError::Idle {
-                    service: service.name.to_string(),
-                    after: stream_idle_timeout,
-                });
-            }
+            biased;
+            sent = upstream::send(stream.sender.clone(), upstream) => Some(sent),
+            expired = timers.expired() => match expired {
+                Expired::Deadline => None,
+                Expired::Idle => {
+                    record.hold(stream.into_permit());
+                    record.deadline_passed();
+                    return Attempt::Failed(ProxyError::Idle {
+                        service: service.name.to_string(),
+                        after: stream_idle_timeout,
+                    });
+                }
+            },
         };
         let refused = match &sent {
             Some(Ok(response)) => refused_while_going_away(response, &stream).await,
@@ -509,9 +551,7 @@ impl Proxy {
                 Attempt::Answered(Answered {
                     response,
                     attempt: record,
-                    deadline,
-                    request: request.clone_handle(),
-                    stream_idle_timeout,
+                    timers,
                 })
             }
             Some(Err(err @ SendError::Malformed(_))) => {
@@ -657,18 +697,6 @@ fn check_grpc(parts: &http::request::Parts) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Resolves once neither the client's request nor (before this is
-/// awaited again) anything else moved for `limit`.
-async fn idle(request: &ReplayBody, limit: Duration) {
-    loop {
-        let last = request.last_read();
-        tokio::time::sleep_until(last + limit).await;
-        if request.last_read() <= last {
-            return;
-        }
-    }
-}
-
 /// Runs `fut` until `deadline` (if any); `None` when the deadline passed.
 async fn within<T>(
     deadline: Option<Instant>,
@@ -760,9 +788,7 @@ fn respond(
     let Answered {
         response,
         mut attempt,
-        deadline,
-        request,
-        stream_idle_timeout,
+        timers,
     } = answered;
     let (mut parts, body) = response.into_parts();
     if parts.status != http::StatusCode::OK {
@@ -793,13 +819,12 @@ fn respond(
             HeaderValue::from_static("application/grpc"),
         );
     }
-    let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
     Response::from_parts(
         parts,
         ResponseBody::Upstream(Box::pin(Observed::new(
             body,
-            deadline,
-            Idle::new(request, stream_idle_timeout),
+            timers.deadline,
+            timers.idle,
             attempt,
             call,
             name_backends,

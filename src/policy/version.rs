@@ -6,7 +6,7 @@
 //! waiting when it can. An instance that trapped cannot be entered again: it
 //! is dropped and a fresh one made from the `InstancePre` on the next pick.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -179,8 +179,14 @@ impl PolicyVersion {
         let outcome = self.pick_inner(engine, ctx);
         match &outcome {
             Ok(_) => {
-                self.consecutive_faults.store(0, Ordering::Relaxed);
-                self.consecutive_deadlines.store(0, Ordering::Relaxed);
+                // Read before written: a store to a line every thread
+                // reads would move it between cores on every pick.
+                if self.consecutive_faults.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_faults.store(0, Ordering::Relaxed);
+                }
+                if self.consecutive_deadlines.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_deadlines.store(0, Ordering::Relaxed);
+                }
             }
             // No free instance: not the policy's doing.
             Err(Fault::Busy) => {}
@@ -331,10 +337,11 @@ impl PolicyVersion {
     /// back). A place left empty by a trap is refilled here, without holding
     /// its lock while the instance is made.
     fn acquire_live(&self, engine: &PolicyEngine) -> Result<MutexGuard<'_, Option<Live>>, Fault> {
-        // Each serving thread starts from an instance of its own, so threads
-        // do not contend for the first one (and a stateful policy, like a
-        // round-robin counter, keeps an even sequence per instance).
-        let first = crate::listener::runtime_index() % self.instances.len();
+        // Each thread starts from an instance of its own, so threads do not
+        // contend for the first one, an instance stays in one core's cache,
+        // and a stateful policy (a round-robin counter) keeps an even
+        // sequence per instance.
+        let first = thread_slot() % self.instances.len();
         let (before, from_mine) = self.instances.split_at(first);
         for instance in from_mine.iter().chain(before) {
             let Ok(guard) = instance.live.try_lock() else {
@@ -443,4 +450,13 @@ pub fn digest(bytes: &[u8]) -> String {
 pub fn digest_bytes(bytes: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).into()
+}
+
+/// The calling thread's first choice among a version's instances: threads
+/// numbered in the order they first pick (a client-side channel's tokio
+/// workers as much as the gateway's serving threads).
+fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+    SLOT.with(|slot| *slot)
 }

@@ -81,7 +81,7 @@ impl Idle {
     }
 
     /// True once the call has been idle for the limit.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         while self.timer.as_mut().poll(cx).is_ready() {
             let last = self.last_response.max(self.request.last_read());
             if last.elapsed() >= self.limit {

@@ -1,7 +1,7 @@
 //! gRPC status codes on the wire, and the one place where the gateway's own
 //! errors become gRPC responses.
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ResponseBody;
 
@@ -41,9 +41,14 @@ pub fn name(code: u32) -> &'static str {
     NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
 }
 
+// Names looked up on every call: as constants they are not parsed each time.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
 /// `grpc-status` of a header block, if present and well-formed.
 pub fn code_of(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// The gRPC code for a non-200 HTTP status from a backend (gRPC's HTTP mapping).
@@ -74,9 +79,9 @@ fn percent_encode(message: &str) -> String {
 /// The trailer block of a call that ends with `code`.
 pub fn trailers(code: u32, message: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
-        h.insert("grpc-message", v);
+        h.insert(GRPC_MESSAGE, v);
     }
     h
 }

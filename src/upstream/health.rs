@@ -191,7 +191,8 @@ async fn verdict(resp: http::Response<super::UpstreamBody>) -> CheckedHealth {
 const UNIMPLEMENTED: u32 = 12;
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// A message in gRPC's length-prefixed framing (uncompressed).

@@ -264,10 +264,15 @@ impl Pool {
     /// A stream on an open connection: the least busy one with room, a new
     /// connection when all are full, or a bounded wait for one to free.
     pub async fn stream(self: &Arc<Self>) -> Result<Stream, PoolError> {
+        // Most calls find room at once: no clock read, no queue.
+        let failures_before = match self.take_or_connect(1) {
+            Taken::Stream(stream) => return Ok(stream),
+            Taken::Failed(err) => return Err(err.into()),
+            Taken::Wait { failures } => failures,
+        };
         let began = Instant::now();
         let mut deadline = began + self.config.queue_timeout;
         let mut queued: Option<QueueSlot<'_>> = None;
-        let failures_before = self.conns.lock().expect("pool poisoned").failures;
         loop {
             // Register interest before looking, so a release in between is not missed.
             let freed = self.freed.notified();
@@ -277,7 +282,7 @@ impl Pool {
             match self.take_or_connect(waiting) {
                 Taken::Stream(stream) => return Ok(stream),
                 Taken::Failed(err) => return Err(err.into()),
-                Taken::Wait => {}
+                Taken::Wait { .. } => {}
             }
             if queued.is_none() {
                 queued = Some(self.enqueue()?);
@@ -372,7 +377,9 @@ impl Pool {
                 return Taken::Failed(err.clone());
             }
         }
-        Taken::Wait
+        Taken::Wait {
+            failures: conns.failures,
+        }
     }
 
     fn enqueue(&self) -> Result<QueueSlot<'_>, PoolError> {
@@ -481,7 +488,10 @@ enum Taken {
     Stream(Stream),
     /// Nothing open, nothing connecting, and the last connect failed.
     Failed(ConnectError),
-    Wait,
+    /// No room; `failures`: connects failed so far.
+    Wait {
+        failures: u64,
+    },
 }
 
 /// A place in the pool's queue, given back on drop.
