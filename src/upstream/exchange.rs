@@ -121,6 +121,8 @@ struct Pump {
     stream: h2::SendStream<Bytes>,
     /// A chunk taken from the body, waiting for the backend's window.
     waiting: Option<(Bytes, bool)>,
+    /// A chunk went to h2 already.
+    sent_data: bool,
     /// Resolves once the response body is dropped (a pump of its own only).
     response_gone: Option<tokio::sync::oneshot::Receiver<()>>,
 }
@@ -131,6 +133,7 @@ impl Pump {
             body,
             stream,
             waiting: None,
+            sent_data: false,
             response_gone: None,
         }
     }
@@ -177,7 +180,15 @@ impl Future for Pump {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let end = this.body.is_end_stream();
-                        if data.is_empty() {
+                        // The first chunk goes to h2 at once, which keeps it
+                        // until the stream opens: the HEADERS and a unary
+                        // call's message leave in one write. (Waiting for
+                        // window first parted them: a stream has none until
+                        // the connection's task has opened it, so each call
+                        // took two writes and two wake-ups more.) It is one
+                        // chunk, as `waiting` would hold; later ones wait.
+                        if data.is_empty() || !this.sent_data {
+                            this.sent_data = true;
                             if this.stream.send_data(data, end).is_err() || end {
                                 return Poll::Ready(());
                             }
@@ -269,6 +280,8 @@ impl Body for UpstreamBody {
 mod tests {
     use super::*;
     use crate::upstream::{BoxError, RequestBody};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     /// A request body whose client never sends more nor ends it.
     struct Open;
@@ -372,5 +385,66 @@ mod tests {
         assert!(ended.is_ok(), "the connection ended within 10 s");
         let err = send(sender, request(&uri)).await.expect_err("not sent");
         assert!(matches!(err, SendError::NotSent(_)), "{err:?}");
+    }
+
+    /// An upload whose client has 64 chunks of 16 KiB ready at once (and
+    /// sends no more, so a pump that ignored the window would stop there).
+    struct Eager(Arc<AtomicUsize>);
+
+    impl Body for Eager {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.0.load(Ordering::SeqCst) == 64 {
+                return Poll::Pending;
+            }
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![7u8; 16 << 10])))))
+        }
+    }
+
+    /// A backend that reads nothing holds the upload at its window: the
+    /// gateway takes from the client only what fits in it, and one chunk
+    /// more (the first goes with the HEADERS without waiting for window).
+    #[tokio::test]
+    async fn a_backend_that_reads_nothing_holds_the_upload_at_its_window() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            let (request, _respond) = conn.accept().await.unwrap().unwrap();
+            // Holds the call, reads none of it; keeps the connection going.
+            let _held = request;
+            while conn.accept().await.is_some() {}
+        });
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = h2::client::handshake(socket).await.unwrap();
+        tokio::spawn(conn);
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let mut request = Request::new(ReplayBody::new(RequestBody::boxed(Eager(pulled.clone()))));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = format!("http://{addr}/a.B/C").parse().unwrap();
+        let call = tokio::spawn(send(sender, request));
+        // HTTP/2's initial window is 65,535 bytes: four 16 KiB chunks fill it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pulled.load(Ordering::SeqCst) < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the upload never began"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let taken = pulled.load(Ordering::SeqCst);
+        assert!(
+            taken <= 6,
+            "took {taken} chunks of 16 KiB from the client for a 64 KiB window"
+        );
+        call.abort();
     }
 }
