@@ -8,6 +8,8 @@
 //! [`encode_counters`] and [`encode_gauges`], so a backend that leaves
 //! takes its series with it.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, MetricEncoder, NoLabelSet,
 };
@@ -272,10 +274,69 @@ fn pick_histogram() -> Histogram {
     ])
 }
 
+/// A thread's slot among the [`SLOTS`] of a [`Spread`]: threads are
+/// numbered in the order they first ask (a gateway's serving threads, a
+/// client-side channel's tokio workers).
+pub fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+    SLOT.with(|slot| *slot)
+}
+
+/// Slots of a [`Spread`] (threads beyond share them).
+pub const SLOTS: usize = 8;
+
+/// One value on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+/// A counter every thread adds to on every call, kept as one count per
+/// thread slot, each on its own cache line, summed when read: one shared
+/// counter written by two cores moves its line between them on every
+/// add. (`weir_policy_picks_total` was such a counter; with the version's
+/// own count and the epoch ticker's, a WebAssembly pick wrote four lines
+/// both serving threads wrote.)
+#[derive(Debug, Default)]
+pub struct Spread([Padded<AtomicU64>; SLOTS]);
+
+impl Spread {
+    /// Adds one; what this thread's slot held before.
+    pub fn add(&self) -> u64 {
+        self.0[thread_slot() % SLOTS]
+            .0
+            .fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl prometheus_client::metrics::counter::Atomic<u64> for Spread {
+    fn inc(&self) -> u64 {
+        self.add()
+    }
+
+    fn inc_by(&self, v: u64) -> u64 {
+        self.0[thread_slot() % SLOTS]
+            .0
+            .fetch_add(v, Ordering::Relaxed)
+    }
+
+    fn get(&self) -> u64 {
+        self.sum()
+    }
+}
+
+/// A counter in a [`Spread`].
+pub type SpreadCounter = Counter<u64, Spread>;
+
 /// What the policy host records.
 #[derive(Clone, Debug)]
 pub struct PolicyMetrics {
-    pub picks: Family<PolicyLabel, Counter>,
+    /// Added to on every pick by every serving thread: spread.
+    pub picks: Family<PolicyLabel, SpreadCounter>,
     pub pick_duration: Family<PolicyLabel, Histogram, fn() -> Histogram>,
     /// Picks that failed (trap, deadline, memory, out of range, error), by kind.
     pub faults: Family<PolicyKindLabels, Counter>,

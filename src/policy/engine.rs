@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllo
 
 use super::host::{BalancerPre, HostState};
 use super::PolicyError;
+use crate::metrics::{thread_slot, Padded, SLOTS};
 
 /// The sandbox every policy runs in.
 #[derive(Clone, Debug)]
@@ -326,8 +327,18 @@ struct Ticker {
 #[derive(Debug, Default)]
 struct TickerShared {
     stop: AtomicBool,
-    /// Guest calls running now.
-    active: AtomicUsize,
+    /// Guest calls running now, counted per thread slot on lines of their
+    /// own: one counter written by every pick on both cores cost more than
+    /// the pick (see README, "What a WebAssembly pick costs in place").
+    active: [Padded<AtomicUsize>; SLOTS],
+    /// The ticker parks (or is about to): a guest call must wake it.
+    parked: AtomicBool,
+}
+
+impl TickerShared {
+    fn any_running(&self) -> bool {
+        self.active.iter().any(|a| a.0.load(Ordering::SeqCst) != 0)
+    }
 }
 
 /// Ticks without a guest running before the ticker parks (100 ms): steady
@@ -336,11 +347,11 @@ const LINGER: u32 = 100;
 
 /// Held while guest code runs (a pick, an observation, an instantiation):
 /// the epoch that bounds it advances meanwhile.
-pub struct Running<'a>(&'a TickerShared);
+pub struct Running<'a>(&'a AtomicUsize);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Release);
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -353,11 +364,17 @@ impl Ticker {
             .spawn(move || {
                 let mut idle_ticks = 0u32;
                 while !seen.stop.load(Ordering::Relaxed) {
-                    if seen.active.load(Ordering::Acquire) == 0 {
+                    if !seen.any_running() {
                         idle_ticks += 1;
                         if idle_ticks > LINGER {
-                            // Woken by the next guest call (or by stop).
-                            std::thread::park();
+                            // Woken by the next guest call (or by stop). A
+                            // call that began before `parked` was set has
+                            // counted itself already: look once more.
+                            seen.parked.store(true, Ordering::SeqCst);
+                            if !seen.any_running() && !seen.stop.load(Ordering::SeqCst) {
+                                std::thread::park();
+                            }
+                            seen.parked.store(false, Ordering::SeqCst);
                             idle_ticks = 0;
                             continue;
                         }
@@ -375,13 +392,16 @@ impl Ticker {
     }
 
     fn running(&self) -> Running<'_> {
-        if self.shared.active.fetch_add(1, Ordering::AcqRel) == 0 {
+        let mine = &self.shared.active[thread_slot() % SLOTS].0;
+        mine.fetch_add(1, Ordering::SeqCst);
+        // Counted before looking (and the ticker sets `parked` before it
+        // looks at the counts): one of the two sees the other.
+        if self.shared.parked.load(Ordering::SeqCst) {
             if let Some(t) = &self.thread {
-                // Cheap when it is not parked (no system call).
                 t.thread().unpark();
             }
         }
-        Running(&self.shared)
+        Running(mine)
     }
 
     fn stop(&mut self) {

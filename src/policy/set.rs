@@ -430,7 +430,7 @@ impl PolicySet {
                         "digest": v.digest,
                         "source": v.source,
                         "loaded_at_unix": v.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                        "picks": v.picks.load(std::sync::atomic::Ordering::Relaxed),
+                        "picks": v.picks.sum(),
                         "faults": v.faults.load(std::sync::atomic::Ordering::Relaxed),
                         "reads_call": v.reads_call,
                         "learns_from_outcomes": v.learns_from_outcomes,
@@ -469,7 +469,7 @@ pub fn policy_name(path: &Path) -> Option<String> {
 pub struct WasmBalancer {
     policy: Arc<NamedPolicy>,
     engine: Arc<PolicyEngine>,
-    picks: prometheus_client::metrics::counter::Counter,
+    picks: crate::metrics::SpreadCounter,
     pick_duration: prometheus_client::metrics::histogram::Histogram,
     metrics: PolicyMetrics,
 }

@@ -6,7 +6,7 @@
 //! waiting when it can. An instance that trapped cannot be entered again: it
 //! is dropped and a fresh one made from the `InstancePre` on the next pick.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -64,7 +64,9 @@ pub const REVERT_AFTER_DEADLINES: u32 = 100;
 /// traps on every pick costs at most one instantiation per this, per place.
 const REFILL_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// One long-lived instance's place.
+/// One long-lived instance's place, on cache lines of its own: threads
+/// picking on their own instances write no line another one reads.
+#[repr(align(128))]
 struct Instance {
     live: Mutex<Option<Live>>,
     /// Someone is making this place's instance (off its lock).
@@ -117,7 +119,7 @@ pub struct PolicyVersion {
     pub carries_state: bool,
     pre: BalancerPre<HostState>,
     instances: Box<[Instance]>,
-    pub picks: AtomicU64,
+    pub picks: crate::metrics::Spread,
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
     consecutive_deadlines: AtomicU32,
@@ -147,7 +149,7 @@ impl PolicyVersion {
                     refilled_at_ms: AtomicU64::new(0),
                 })
                 .collect(),
-            picks: AtomicU64::new(0),
+            picks: crate::metrics::Spread::default(),
             faults: AtomicU64::new(0),
             consecutive_faults: AtomicU32::new(0),
             consecutive_deadlines: AtomicU32::new(0),
@@ -175,7 +177,7 @@ impl PolicyVersion {
 
     /// Asks the policy for a position in `ctx.candidates`.
     pub fn pick(&self, engine: &PolicyEngine, ctx: &PickContext<'_>) -> Result<usize, Fault> {
-        self.picks.fetch_add(1, Ordering::Relaxed);
+        self.picks.add();
         let outcome = self.pick_inner(engine, ctx);
         match &outcome {
             Ok(_) => {
@@ -341,7 +343,7 @@ impl PolicyVersion {
         // contend for the first one, an instance stays in one core's cache,
         // and a stateful policy (a round-robin counter) keeps an even
         // sequence per instance.
-        let first = thread_slot() % self.instances.len();
+        let first = crate::metrics::thread_slot() % self.instances.len();
         let (before, from_mine) = self.instances.split_at(first);
         for instance in from_mine.iter().chain(before) {
             let Ok(guard) = instance.live.try_lock() else {
@@ -450,13 +452,4 @@ pub fn digest(bytes: &[u8]) -> String {
 pub fn digest_bytes(bytes: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).into()
-}
-
-/// The calling thread's first choice among a version's instances: threads
-/// numbered in the order they first pick (a client-side channel's tokio
-/// workers as much as the gateway's serving threads).
-fn thread_slot() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed));
-    SLOT.with(|slot| *slot)
 }
