@@ -303,9 +303,13 @@ pub struct Spread([Padded<AtomicU64>; SLOTS]);
 impl Spread {
     /// Adds one; what this thread's slot held before.
     pub fn add(&self) -> u64 {
+        self.add_by(1)
+    }
+
+    fn add_by(&self, v: u64) -> u64 {
         self.0[thread_slot() % SLOTS]
             .0
-            .fetch_add(1, Ordering::Relaxed)
+            .fetch_add(v, Ordering::Relaxed)
     }
 
     pub fn sum(&self) -> u64 {
@@ -319,9 +323,7 @@ impl prometheus_client::metrics::counter::Atomic<u64> for Spread {
     }
 
     fn inc_by(&self, v: u64) -> u64 {
-        self.0[thread_slot() % SLOTS]
-            .0
-            .fetch_add(v, Ordering::Relaxed)
+        self.add_by(v)
     }
 
     fn get(&self) -> u64 {

@@ -15,11 +15,8 @@ pub mod status;
 pub mod timeout;
 pub mod trace;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -27,7 +24,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
 use smallvec::SmallVec;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::balance::{Balancer, HiddenHeaders, PickContext, RouteOptions};
@@ -38,7 +35,7 @@ use crate::upstream::{
     RequestBody, SendError, UpstreamBody,
 };
 
-use body::{Idle, Observed, ResponseBody};
+use body::{Expired, Observed, ResponseBody, Timers};
 use call::{AttemptRecord, CallRecord, Learner};
 use router::{split_path, Router};
 use services::{ServiceRuntime, ServiceRuntimes};
@@ -223,41 +220,6 @@ struct Answered {
     /// The attempt's own timers, armed since it began, carried on into
     /// the response: one timer each per call, not one per phase.
     timers: Timers,
-}
-
-/// An attempt's deadline and stream idle timeout.
-struct Timers {
-    deadline: Option<Pin<Box<Sleep>>>,
-    idle: Idle,
-}
-
-impl Timers {
-    fn new(deadline: Option<Instant>, request: &ReplayBody, idle_limit: Duration) -> Self {
-        Timers {
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            idle: Idle::new(request.clone_handle(), idle_limit),
-        }
-    }
-
-    /// Resolves with what ended the wait: the deadline, or idleness.
-    fn expired(&mut self) -> impl Future<Output = Expired> + '_ {
-        std::future::poll_fn(|cx| {
-            if let Some(deadline) = self.deadline.as_mut() {
-                if deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Expired::Deadline);
-                }
-            }
-            if self.idle.poll_expired(cx) {
-                return Poll::Ready(Expired::Idle);
-            }
-            Poll::Pending
-        })
-    }
-}
-
-enum Expired {
-    Deadline,
-    Idle,
 }
 
 /// How one attempt on one backend ended. (Moved once per attempt: boxing
@@ -511,7 +473,7 @@ impl Proxy {
         let sent = tokio::select! {
             biased;
             sent = upstream::send(stream.sender.clone(), upstream) => Some(sent),
-            expired = timers.expired() => match expired {
+            expired = std::future::poll_fn(|cx| timers.poll_expired(cx)) => match expired {
                 Expired::Deadline => None,
                 Expired::Idle => {
                     record.hold(stream.into_permit());
@@ -823,8 +785,7 @@ fn respond(
         parts,
         ResponseBody::Upstream(Box::pin(Observed::new(
             body,
-            timers.deadline,
-            timers.idle,
+            timers,
             attempt,
             call,
             name_backends,

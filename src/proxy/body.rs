@@ -24,8 +24,7 @@ pin_project_lite::pin_project! {
     pub struct Observed {
         #[pin]
         inner: UpstreamBody,
-        deadline: Option<Pin<Box<Sleep>>>,
-        idle: Idle,
+        timers: Timers,
         attempt: AttemptRecord,
         call: CallRecord,
         // Client-facing messages may name the backend.
@@ -37,16 +36,14 @@ pin_project_lite::pin_project! {
 impl Observed {
     pub fn new(
         inner: UpstreamBody,
-        deadline: Option<Pin<Box<Sleep>>>,
-        idle: Idle,
+        timers: Timers,
         attempt: AttemptRecord,
         call: CallRecord,
         name_backends: bool,
     ) -> Self {
         Observed {
             inner,
-            deadline,
-            idle,
+            timers,
             attempt,
             call,
             name_backends,
@@ -93,6 +90,41 @@ impl Idle {
     }
 }
 
+/// A call's deadline and stream idle timeout: armed when its attempt
+/// begins, carried on into the response, so each is one timer per call.
+pub struct Timers {
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Idle,
+}
+
+/// What ended a wait.
+pub enum Expired {
+    Deadline,
+    Idle,
+}
+
+impl Timers {
+    pub fn new(deadline: Option<Instant>, request: &ReplayBody, idle_limit: Duration) -> Self {
+        Timers {
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle: Idle::new(request.clone_handle(), idle_limit),
+        }
+    }
+
+    /// The deadline first, then idleness.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Expired::Deadline);
+            }
+        }
+        if self.idle.poll_expired(cx) {
+            return Poll::Ready(Expired::Idle);
+        }
+        Poll::Pending
+    }
+}
+
 /// "a backend of `service`", or "backend ADDR of `service`" when allowed.
 fn which_backend(attempt: &AttemptRecord, name_backends: bool) -> String {
     if name_backends {
@@ -118,8 +150,8 @@ impl Body for Observed {
         if *this.done {
             return Poll::Ready(None);
         }
-        if let Some(deadline) = this.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
+        match this.timers.poll_expired(cx) {
+            Poll::Ready(Expired::Deadline) => {
                 *this.done = true;
                 this.attempt.deadline_passed();
                 this.call.set_status(status::DEADLINE_EXCEEDED);
@@ -132,25 +164,26 @@ impl Body for Observed {
                     &msg,
                 )))));
             }
-        }
-        if this.idle.poll_expired(cx) {
-            *this.done = true;
-            this.attempt.set_status(status::DEADLINE_EXCEEDED);
-            this.call.set_status(status::DEADLINE_EXCEEDED);
-            let msg = format!(
-                "no bytes moved for {:?} (the stream idle timeout) while {} streamed the response",
-                this.idle.limit,
-                which_backend(this.attempt, *this.name_backends)
-            );
-            return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
-                status::DEADLINE_EXCEEDED,
-                &msg,
-            )))));
+            Poll::Ready(Expired::Idle) => {
+                *this.done = true;
+                this.attempt.set_status(status::DEADLINE_EXCEEDED);
+                this.call.set_status(status::DEADLINE_EXCEEDED);
+                let msg = format!(
+                    "no bytes moved for {:?} (the stream idle timeout) while {} streamed the response",
+                    this.timers.idle.limit,
+                    which_backend(this.attempt, *this.name_backends)
+                );
+                return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
+                    status::DEADLINE_EXCEEDED,
+                    &msg,
+                )))));
+            }
+            Poll::Pending => {}
         }
         match this.inner.poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                this.idle.moved();
+                this.timers.idle.moved();
                 if let Some(data) = frame.data_ref() {
                     this.call.note_response_bytes(data.len());
                 }
