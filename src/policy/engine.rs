@@ -2,10 +2,10 @@
 //! that bounds every pick in time. Compiling a policy happens here, off the
 //! hot path.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
@@ -41,12 +41,19 @@ impl Default for Limits {
 /// Compiled components kept for reuse.
 const COMPILE_CACHE: usize = 16;
 
-/// The epoch advances every `TICK`; a pick's deadline is a number of ticks.
-/// 1 ms: a pick is stopped between one and two deadlines (1 ms default) in.
-/// A finer tick bounds no better in practice and costs a thread wake-up
-/// every tick while calls flow (at 250 µs, 4,000 a second: on a busy core
-/// each one preempts a thread serving calls).
+/// The epoch counts `TICK`s (see [`Ticker`]); a pick's deadline is a
+/// number of them. 1 ms: with the default 1 ms deadline a pick is stopped
+/// one to two deadlines in while calls flow.
 const TICK: Duration = Duration::from_millis(1);
+
+/// Ticks of the epoch that span `deadline` whole, counted from an epoch
+/// that may have advanced a moment before the pick began.
+fn ticks_of(deadline: Duration) -> u64 {
+    u64::try_from(deadline.as_micros() / TICK.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
+        .saturating_add(1)
+}
 
 /// What compiling and checking a component yields.
 pub struct Compiled {
@@ -68,6 +75,9 @@ pub struct PolicyEngine {
     /// The deadline and the size limit change by a configuration reload;
     /// the memory and instances stay as the engine was made with.
     limits: arc_swap::ArcSwap<Limits>,
+    /// `limits.deadline` in ticks, read by every pick: one load, where
+    /// reading `limits` takes a guard of the swap and a division.
+    deadline_ticks: AtomicU64,
     pub zone: Option<Arc<str>>,
     ticker: Ticker,
 }
@@ -99,6 +109,7 @@ impl PolicyEngine {
             compiled: Default::default(),
             compiler,
             linker,
+            deadline_ticks: AtomicU64::new(ticks_of(limits.deadline)),
             limits: arc_swap::ArcSwap::from_pointee(limits),
             zone,
             ticker,
@@ -123,6 +134,8 @@ impl PolicyEngine {
             ..Limits::clone(&self.limits.load())
         };
         self.limits.store(Arc::new(limits));
+        self.deadline_ticks
+            .store(ticks_of(deadline), Ordering::Relaxed);
     }
 
     /// Ticks of the epoch instantiating a policy may take (50 ms).
@@ -132,10 +145,7 @@ impl PolicyEngine {
 
     /// Ticks of the epoch a pick may run for (at least one full `deadline`).
     pub fn deadline_ticks(&self) -> u64 {
-        u64::try_from(self.limits.load().deadline.as_micros() / TICK.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1)
-            .saturating_add(1)
+        self.deadline_ticks.load(Ordering::Relaxed)
     }
 
     /// Compiles `bytes` and checks it is a `weir:policy` balancer: every import
@@ -314,24 +324,44 @@ fn lower_priority() {
     }
 }
 
-/// A thread that advances the engine's epoch every `TICK` while guest code
-/// runs, joined on drop. Only then does anything need bounding: with no
-/// guest running for `LINGER` it parks, so an idle gateway has no wake-ups
-/// from it (it used to tick 4,000 times a second regardless); the next
-/// [`Running`] wakes it.
+/// The epoch is a clock of `TICK`s, brought up to date by whoever looks:
+/// every guest call as it begins (a serving thread reads the clock and, a
+/// tick or more since the last advance, advances it), and a backstop thread
+/// for a guest that runs while no other begins (a policy that loops on the
+/// only serving thread, or on all of them at once).
+///
+/// Why not a thread ticking every `TICK`: its 1,000 wake-ups a second, each
+/// preempting a serving thread on a busy core, cost 3 % of the gateway's
+/// throughput (README, "What a WebAssembly pick costs in place"); under
+/// traffic the serving threads are awake anyway and keep the epoch current.
+/// The backstop wakes every `BACKSTOP` while guests have run lately, every
+/// `TICK` while it finds one running, and parks when none has run for
+/// `LINGER` (an idle gateway has no wake-ups from it); the next guest call
+/// wakes it.
+///
+/// A pick is stopped one deadline in at the earliest (its deadline counts
+/// ticks from an epoch brought current as it began); while other calls
+/// begin, by two deadlines; alone, within `BACKSTOP` or two deadlines,
+/// whichever is longer.
 struct Ticker {
     shared: Arc<TickerShared>,
     thread: Option<JoinHandle<()>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TickerShared {
+    engine: Engine,
+    /// What the epoch's ticks count from.
+    origin: Instant,
+    /// When (µs since `origin`) the epoch last advanced, on a line of its
+    /// own: read by every guest call, written at most once a tick.
+    advanced_at_us: Padded<AtomicU64>,
     stop: AtomicBool,
     /// Guest calls running now, counted per thread slot on lines of their
     /// own: one counter written by every pick on both cores cost more than
     /// the pick (see README, "What a WebAssembly pick costs in place").
     active: [Padded<AtomicUsize>; SLOTS],
-    /// The ticker parks (or is about to): a guest call must wake it.
+    /// The backstop parks (or is about to): a guest call must wake it.
     parked: AtomicBool,
 }
 
@@ -339,11 +369,54 @@ impl TickerShared {
     fn any_running(&self) -> bool {
         self.active.iter().any(|a| a.0.load(Ordering::SeqCst) != 0)
     }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// How long ago (µs) the epoch last advanced: under traffic, a tick
+    /// at most; long after the last guest call began, long.
+    fn since_advance_us(&self) -> u64 {
+        self.now_us()
+            .saturating_sub(self.advanced_at_us.0.load(Ordering::Acquire))
+    }
+
+    /// Advances the epoch by the ticks since it last advanced, if any. Of
+    /// two threads that both see ticks due, one advances.
+    fn catch_up(&self) {
+        let tick = TICK.as_micros() as u64;
+        let now = self.now_us();
+        let at = self.advanced_at_us.0.load(Ordering::Acquire);
+        let due = now.saturating_sub(at) / tick;
+        if due == 0 {
+            return;
+        }
+        let next = at + due * tick;
+        if self
+            .advanced_at_us
+            .0
+            .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // After a long quiet spell no guest is waiting on most of those
+            // ticks: a bounded catch-up is as good as the whole.
+            for _ in 0..due.min(MAX_CATCH_UP) {
+                self.engine.increment_epoch();
+            }
+        }
+    }
 }
 
-/// Ticks without a guest running before the ticker parks (100 ms): steady
-/// traffic never pays for waking it.
-const LINGER: u32 = 100;
+/// Ticks one catch-up advances at most (more than any deadline needs).
+const MAX_CATCH_UP: u64 = 100_000;
+
+/// How often the backstop looks while guest calls come and go: it stops a
+/// guest no other call's start brings the epoch past (200 wake-ups a
+/// second under traffic, where ticking every `TICK` woke 1,000 times).
+const BACKSTOP: Duration = Duration::from_millis(5);
+
+/// No guest call begun for this long, and none running: the backstop parks.
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Held while guest code runs (a pick, an observation, an instantiation):
 /// the epoch that bounds it advances meanwhile.
@@ -357,32 +430,39 @@ impl Drop for Running<'_> {
 
 impl Ticker {
     fn start(engine: Engine) -> std::io::Result<Ticker> {
-        let shared = Arc::new(TickerShared::default());
+        let shared = Arc::new(TickerShared {
+            engine,
+            origin: Instant::now(),
+            advanced_at_us: Padded(AtomicU64::new(0)),
+            stop: AtomicBool::new(false),
+            active: Default::default(),
+            parked: AtomicBool::new(false),
+        });
         let seen = shared.clone();
         let thread = std::thread::Builder::new()
             .name("weir-policy-epoch".into())
             .spawn(move || {
-                let mut idle_ticks = 0u32;
                 while !seen.stop.load(Ordering::Relaxed) {
-                    if !seen.any_running() {
-                        idle_ticks += 1;
-                        if idle_ticks > LINGER {
-                            // Woken by the next guest call (or by stop). A
-                            // call that began before `parked` was set has
-                            // counted itself already: look once more.
-                            seen.parked.store(true, Ordering::SeqCst);
-                            if !seen.any_running() && !seen.stop.load(Ordering::SeqCst) {
-                                std::thread::park();
-                            }
-                            seen.parked.store(false, Ordering::SeqCst);
-                            idle_ticks = 0;
-                            continue;
-                        }
-                    } else {
-                        idle_ticks = 0;
+                    if seen.any_running() {
+                        seen.catch_up();
+                        // One may be running long: look again a tick on.
+                        std::thread::sleep(TICK);
+                        continue;
                     }
-                    std::thread::sleep(TICK);
-                    engine.increment_epoch();
+                    // No guest runs: none needs the epoch now, and one that
+                    // begins brings it current itself.
+                    if seen.since_advance_us() > LINGER.as_micros() as u64 {
+                        // Woken by the next guest call (or by stop). A
+                        // call that began before `parked` was set has
+                        // counted itself already: look once more.
+                        seen.parked.store(true, Ordering::SeqCst);
+                        if !seen.any_running() && !seen.stop.load(Ordering::SeqCst) {
+                            std::thread::park();
+                        }
+                        seen.parked.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                    std::thread::sleep(BACKSTOP);
                 }
             })?;
         Ok(Ticker {
@@ -394,13 +474,15 @@ impl Ticker {
     fn running(&self) -> Running<'_> {
         let mine = &self.shared.active[thread_slot() % SLOTS].0;
         mine.fetch_add(1, Ordering::SeqCst);
-        // Counted before looking (and the ticker sets `parked` before it
+        // Counted before looking (and the backstop sets `parked` before it
         // looks at the counts): one of the two sees the other.
         if self.shared.parked.load(Ordering::SeqCst) {
             if let Some(t) = &self.thread {
                 t.thread().unpark();
             }
         }
+        // Before the caller sets its deadline: it counts from now.
+        self.shared.catch_up();
         Running(mine)
     }
 
@@ -471,14 +553,11 @@ mod tests {
         found
     }
 
-    /// With no guest running the epoch ticker parks: it does not wake.
-    /// Running guest code wakes it (it ticks while the guard lives).
     /// The tests here find their engine's threads by name: one engine at a time.
     static ONE_ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    #[test]
-    fn the_epoch_ticker_sleeps_while_no_guest_runs() {
-        let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    /// A new engine, and a reading of its epoch thread's wake-ups.
+    fn engine_and_its_wake_ups() -> (PolicyEngine, impl Fn() -> u64) {
         let before = switches("weir-policy-epo");
         let engine = PolicyEngine::new(Limits::default(), None).unwrap();
         // A new thread names itself once it runs: look until it has.
@@ -496,11 +575,21 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        let count = || {
+        let count = move || {
             *switches("weir-policy-epo")
                 .get(&tid)
                 .expect("the ticker thread lives as long as its engine")
         };
+        (engine, count)
+    }
+
+    /// With no guest running the epoch thread parks: it does not wake.
+    /// Guest code running alone wakes it, and it looks every tick while
+    /// that guest runs.
+    #[test]
+    fn the_epoch_ticker_sleeps_while_no_guest_runs() {
+        let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+        let (engine, count) = engine_and_its_wake_ups();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let a = count();
@@ -521,6 +610,29 @@ mod tests {
         assert!(
             b > a + 10,
             "ticking while a guest runs: {a} -> {b} switches"
+        );
+    }
+
+    /// Under traffic the guest calls' own starts keep the epoch current:
+    /// with short calls coming and going, the backstop looks every 5 ms,
+    /// not every tick (which was 1,000 wake-ups a second, each preempting a
+    /// serving thread).
+    #[test]
+    fn under_traffic_the_epoch_thread_wakes_far_less_than_every_tick() {
+        let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+        let (engine, count) = engine_and_its_wake_ups();
+        let a = count();
+        let began = std::time::Instant::now();
+        let mut calls = 0;
+        while began.elapsed() < Duration::from_millis(500) {
+            drop(engine.running());
+            calls += 1;
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let woke = count() - a;
+        assert!(
+            woke < 250,
+            "{woke} wake-ups in 500 ms of {calls} guest calls (every tick: about 500)"
         );
     }
 
