@@ -46,10 +46,11 @@ const COMPILE_CACHE: usize = 16;
 /// one to two deadlines in while calls flow.
 const TICK: Duration = Duration::from_millis(1);
 
-/// Ticks of the epoch that span `deadline` whole, counted from an epoch
-/// that may have advanced a moment before the pick began.
+/// Ticks of the epoch that span `deadline` whole (rounded up), plus one:
+/// a pick's deadline counts from an epoch that advanced up to a tick
+/// before the pick began.
 fn ticks_of(deadline: Duration) -> u64 {
-    u64::try_from(deadline.as_micros() / TICK.as_micros())
+    u64::try_from(deadline.as_micros().div_ceil(TICK.as_micros()))
         .unwrap_or(u64::MAX)
         .max(1)
         .saturating_add(1)
@@ -356,6 +357,8 @@ struct TickerShared {
     /// When (µs since `origin`) the epoch last advanced, on a line of its
     /// own: read by every guest call, written at most once a tick.
     advanced_at_us: Padded<AtomicU64>,
+    /// Held by the thread advancing the epoch (see `catch_up`).
+    advancing: std::sync::Mutex<()>,
     stop: AtomicBool,
     /// Guest calls running now, counted per thread slot on lines of their
     /// own: one counter written by every pick on both cores cost more than
@@ -381,34 +384,40 @@ impl TickerShared {
             .saturating_sub(self.advanced_at_us.0.load(Ordering::Acquire))
     }
 
-    /// Advances the epoch by the ticks since it last advanced, if any. Of
-    /// two threads that both see ticks due, one advances.
+    /// Advances the epoch by the ticks since it last advanced, if any.
+    /// `advanced_at_us` is published only once the epoch holds those
+    /// ticks: a call that reads it, or waits here for the thread advancing,
+    /// sets its deadline against a current epoch (publishing first let a
+    /// call begun meanwhile count from a stale one, and be cut off early).
     fn catch_up(&self) {
         let tick = TICK.as_micros() as u64;
         let now = self.now_us();
+        if now.saturating_sub(self.advanced_at_us.0.load(Ordering::Acquire)) < tick {
+            return;
+        }
+        // At most once a tick; another thread due at the same moment waits
+        // the few increments out.
+        let _one = self.advancing.lock().unwrap_or_else(|p| p.into_inner());
         let at = self.advanced_at_us.0.load(Ordering::Acquire);
         let due = now.saturating_sub(at) / tick;
         if due == 0 {
-            return;
+            return; // advanced while this thread waited
         }
-        let next = at + due * tick;
-        if self
-            .advanced_at_us
+        // After a quiet spell no running guest waits on more ticks than the
+        // longest deadline holds: those are as good as all of them.
+        for _ in 0..due.min(MAX_CATCH_UP) {
+            self.engine.increment_epoch();
+        }
+        self.advanced_at_us
             .0
-            .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            // After a long quiet spell no guest is waiting on most of those
-            // ticks: a bounded catch-up is as good as the whole.
-            for _ in 0..due.min(MAX_CATCH_UP) {
-                self.engine.increment_epoch();
-            }
-        }
+            .store(at + due * tick, Ordering::Release);
     }
 }
 
-/// Ticks one catch-up advances at most (more than any deadline needs).
-const MAX_CATCH_UP: u64 = 100_000;
+/// Ticks one catch-up advances at most: more than the longest deadline
+/// (`[policy] deadline` is at most 1 s: 1,001 ticks) or an instantiation
+/// (50 ms) counts.
+const MAX_CATCH_UP: u64 = 2_000;
 
 /// How often the backstop looks while guest calls come and go: it stops a
 /// guest no other call's start brings the epoch past (200 wake-ups a
@@ -434,6 +443,7 @@ impl Ticker {
             engine,
             origin: Instant::now(),
             advanced_at_us: Padded(AtomicU64::new(0)),
+            advancing: std::sync::Mutex::new(()),
             stop: AtomicBool::new(false),
             active: Default::default(),
             parked: AtomicBool::new(false),
