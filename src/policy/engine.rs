@@ -1,4 +1,4 @@
-//! The one wasmtime `Engine` of the gateway, its linker, and the epoch ticker
+//! The one wasmtime `Engine` of the gateway, its linker, and the epoch clock
 //! that bounds every pick in time. Compiling a policy happens here, off the
 //! hot path.
 
@@ -41,7 +41,7 @@ impl Default for Limits {
 /// Compiled components kept for reuse.
 const COMPILE_CACHE: usize = 16;
 
-/// The epoch counts `TICK`s (see [`Ticker`]); a pick's deadline is a
+/// The epoch counts `TICK`s (see [`EpochClock`]); a pick's deadline is a
 /// number of them. 1 ms: with the default 1 ms deadline a pick is stopped
 /// one to two deadlines in while calls flow.
 const TICK: Duration = Duration::from_millis(1);
@@ -80,7 +80,7 @@ pub struct PolicyEngine {
     /// reading `limits` takes a guard of the swap and a division.
     deadline_ticks: AtomicU64,
     pub zone: Option<Arc<str>>,
-    ticker: Ticker,
+    clock: EpochClock,
 }
 
 impl PolicyEngine {
@@ -101,8 +101,9 @@ impl PolicyEngine {
         let mut linker = Linker::new(&engine);
         super::host::add_to_linker(&mut linker)
             .map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
-        let ticker = Ticker::start(engine.clone())
-            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        let clock = EpochClock::start(engine.clone()).map_err(|e| {
+            PolicyError::Engine(format!("cannot start the epoch backstop thread: {e}"))
+        })?;
         let compiler = CompileThread::start(engine.clone())
             .map_err(|e| PolicyError::Engine(format!("cannot start the compile thread: {e}")))?;
         Ok(PolicyEngine {
@@ -113,7 +114,7 @@ impl PolicyEngine {
             deadline_ticks: AtomicU64::new(ticks_of(limits.deadline)),
             limits: arc_swap::ArcSwap::from_pointee(limits),
             zone,
-            ticker,
+            clock,
         })
     }
 
@@ -230,12 +231,12 @@ impl PolicyEngine {
     /// Call before entering guest code and keep while it runs: the epoch
     /// that bounds it advances only while some guest runs.
     pub fn running(&self) -> Running<'_> {
-        self.ticker.running()
+        self.clock.running()
     }
 
-    /// Stops the epoch ticker (also done on drop).
+    /// Stops the epoch backstop thread (also done on drop).
     pub fn stop(&mut self) {
-        self.ticker.stop();
+        self.clock.stop();
     }
 }
 
@@ -344,13 +345,13 @@ fn lower_priority() {
 /// ticks from an epoch brought current as it began); while other calls
 /// begin, by two deadlines; alone, within `BACKSTOP` or two deadlines,
 /// whichever is longer.
-struct Ticker {
-    shared: Arc<TickerShared>,
+struct EpochClock {
+    shared: Arc<ClockShared>,
     thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug)]
-struct TickerShared {
+struct ClockShared {
     engine: Engine,
     /// What the epoch's ticks count from.
     origin: Instant,
@@ -368,7 +369,7 @@ struct TickerShared {
     parked: AtomicBool,
 }
 
-impl TickerShared {
+impl ClockShared {
     fn any_running(&self) -> bool {
         self.active.iter().any(|a| a.0.load(Ordering::SeqCst) != 0)
     }
@@ -437,9 +438,9 @@ impl Drop for Running<'_> {
     }
 }
 
-impl Ticker {
-    fn start(engine: Engine) -> std::io::Result<Ticker> {
-        let shared = Arc::new(TickerShared {
+impl EpochClock {
+    fn start(engine: Engine) -> std::io::Result<EpochClock> {
+        let shared = Arc::new(ClockShared {
             engine,
             origin: Instant::now(),
             advanced_at_us: Padded(AtomicU64::new(0)),
@@ -475,7 +476,7 @@ impl Ticker {
                     std::thread::sleep(BACKSTOP);
                 }
             })?;
-        Ok(Ticker {
+        Ok(EpochClock {
             shared,
             thread: Some(thread),
         })
@@ -502,13 +503,13 @@ impl Ticker {
             t.thread().unpark();
             if t.join().is_err() {
                 // It only sleeps and increments: a panic there is a bug to hear of.
-                tracing::error!("the policy epoch ticker thread panicked");
+                tracing::error!("the policy epoch backstop thread panicked");
             }
         }
     }
 }
 
-impl Drop for Ticker {
+impl Drop for EpochClock {
     fn drop(&mut self) {
         self.stop();
     }
@@ -581,14 +582,14 @@ mod tests {
             }
             assert!(
                 std::time::Instant::now() < named_by,
-                "this engine's ticker thread"
+                "this engine's epoch thread"
             );
             std::thread::sleep(Duration::from_millis(5));
         };
         let count = move || {
             *switches("weir-policy-epo")
                 .get(&tid)
-                .expect("the ticker thread lives as long as its engine")
+                .expect("the epoch thread lives as long as its engine")
         };
         (engine, count)
     }
@@ -597,7 +598,7 @@ mod tests {
     /// Guest code running alone wakes it, and it looks every tick while
     /// that guest runs.
     #[test]
-    fn the_epoch_ticker_sleeps_while_no_guest_runs() {
+    fn the_epoch_thread_sleeps_while_no_guest_runs() {
         let _alone = ONE_ENGINE.lock().unwrap_or_else(|p| p.into_inner());
         let (engine, count) = engine_and_its_wake_ups();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -609,7 +610,7 @@ mod tests {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the ticker never parked"
+                "the epoch thread never parked"
             );
         }
         let running = engine.running();
