@@ -228,8 +228,9 @@ impl PolicyEngine {
         })
     }
 
-    /// Call before entering guest code and keep while it runs: the epoch
-    /// that bounds it advances only while some guest runs.
+    /// Call before entering guest code (and before setting its deadline)
+    /// and keep while it runs: it brings the epoch current, and the
+    /// backstop keeps looking while the guest runs.
     pub fn running(&self) -> Running<'_> {
         self.clock.running()
     }
@@ -392,15 +393,14 @@ impl ClockShared {
     /// call begun meanwhile count from a stale one, and be cut off early).
     fn catch_up(&self) {
         let tick = TICK.as_micros() as u64;
-        let now = self.now_us();
-        if now.saturating_sub(self.advanced_at_us.0.load(Ordering::Acquire)) < tick {
+        if self.since_advance_us() < tick {
             return;
         }
         // At most once a tick; another thread due at the same moment waits
         // the few increments out.
         let _one = self.advancing.lock().unwrap_or_else(|p| p.into_inner());
         let at = self.advanced_at_us.0.load(Ordering::Acquire);
-        let due = now.saturating_sub(at) / tick;
+        let due = self.now_us().saturating_sub(at) / tick;
         if due == 0 {
             return; // advanced while this thread waited
         }

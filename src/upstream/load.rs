@@ -21,8 +21,8 @@ pub struct Load {
     failures: AtomicU64,
     ewma: Mutex<PeakEwma>,
     /// The average as last written under `ewma`, for readers: a policy
-    /// reads it for every candidate of every call, and a lock there (on a
-    /// line every call's end writes) cost more than the rest of the read.
+    /// reads it for every candidate of every call, and should not take a
+    /// lock every call's end takes too.
     ewma_us: AtomicU32,
 }
 
