@@ -72,19 +72,23 @@ pub async fn start(
         }
     }
     config.access.check()?;
-    // Connecting can wait for etcd (credentials are checked by etcd): the
-    // snapshot, if any, serves meanwhile.
-    let (config_now, table_now, stop) = (config.clone(), table.clone(), cancel.clone());
+    // Both wait for etcd as long as it takes (credentials are checked by
+    // etcd): the snapshot, if any, serves meanwhile.
+    tasks.spawn(watch::spawn_watch(
+        table.clone(),
+        config.clone(),
+        cancel.clone(),
+    ));
+    let (access, leases, lease_poll, stop) = (
+        config.access.clone(),
+        table.leases().clone(),
+        config.lease_poll,
+        cancel.clone(),
+    );
     tasks.spawn(async move {
-        let Some(client) = etcd::connect_until(&config_now.access, &stop).await else {
-            return;
-        };
-        let leases = table_now.leases().clone();
-        let lease_poll = config_now.lease_poll;
-        let _ended = tokio::join!(
-            watch::spawn_watch(client.clone(), table_now, config_now, stop.clone()),
-            lease::spawn_lease_poller(client, leases, lease_poll, stop),
-        );
+        if let Some(client) = etcd::connect_until(&access, &stop).await {
+            let _ended = lease::spawn_lease_poller(client, leases, lease_poll, stop).await;
+        }
     });
     if let Some(path) = &config.snapshot {
         tasks.spawn(snapshot::spawn_snapshot_writer(

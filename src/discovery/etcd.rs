@@ -445,8 +445,11 @@ enum Never {}
 /// Keeps `follower` in step with the keys under `prefix` until `cancel`;
 /// keys under `prefix` + `exclude` are neither listed nor handed over
 /// (reserved names another follower reads).
+///
+/// Each session talks to one member of `access`'s endpoints and a failed
+/// one moves to the next (see [`MemberCursor`]).
 pub async fn follow<F: Follower>(
-    client: Client,
+    access: &EtcdAccess,
     prefix: &str,
     exclude: Option<&str>,
     settings: FollowSettings,
@@ -455,6 +458,7 @@ pub async fn follow<F: Follower>(
 ) {
     let excluded = exclude.map(|e| format!("{prefix}{e}"));
     let excluded = excluded.as_deref();
+    let mut members = MemberCursor::new(access);
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut why_unpositioned = Relist::Start;
     // The highest store revision etcd has shown this follower (probes and
@@ -465,25 +469,99 @@ pub async fn follow<F: Follower>(
     loop {
         let ended = tokio::select! {
             _ = cancel.cancelled() => return,
-            ended = session(client.clone(), prefix, excluded, settings, follower, why_unpositioned, &mut backoff, &seen) => ended,
+            ended = async {
+                let client = members.client(settings.request_timeout).await?;
+                session(client, prefix, excluded, settings, follower, why_unpositioned, &mut backoff, &seen).await
+            } => ended,
         };
         let err = match ended {
             Ok(never) => match never {},
             Err(err) => err,
         };
         follower.watching(false);
+        if let WatchError::Etcd(err @ EtcdError::Access(_)) = &err {
+            tracing::error!(prefix, cause = %err, "etcd settings unusable; not following");
+            cancel.cancelled().await;
+            return;
+        }
+        let member = members.current().to_owned();
         let delay = if let WatchError::Compacted { .. } = err {
-            // The history we would resume from is gone: list again at once.
+            // The history we would resume from is gone, on every member:
+            // list again at once, here.
             follower.forget_position();
             why_unpositioned = Relist::Compacted;
             Duration::ZERO
         } else {
+            members.move_on();
             backoff.next_delay()
         };
-        tracing::warn!(prefix, cause = %crate::errors::chain(&err), retry_in = ?delay, "etcd watch session ended; resuming");
+        tracing::warn!(prefix, member, next = members.current(), cause = %crate::errors::chain(&err), retry_in = ?delay, "etcd watch session ended; resuming");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The one member of the cluster a follower's session talks to, and the
+/// next one after a session fails.
+///
+/// A client on all the endpoints spreads a session's requests over every
+/// member, one that froze or lost its network included: its connection
+/// looks ready until HTTP/2 keep-alive gives up (15 s), so a third of the
+/// requests of every attempt went on timing out there. On one member, a
+/// failed session (a request timed out, the watch went silent, the member
+/// has no leader) moves to the next, and a whole session's probe, listing
+/// and watch are answered by the same member. The first member is picked
+/// at random, so a fleet of gateways spreads its watches over the cluster.
+struct MemberCursor<'a> {
+    access: &'a EtcdAccess,
+    at: usize,
+    client: Option<Client>,
+}
+
+impl<'a> MemberCursor<'a> {
+    fn new(access: &'a EtcdAccess) -> Self {
+        let members = access.endpoints.len().max(1);
+        MemberCursor {
+            access,
+            at: rand::random_range(0..members),
+            client: None,
+        }
+    }
+
+    /// The endpoint sessions go to now.
+    fn current(&self) -> &str {
+        self.access
+            .endpoints
+            .get(self.at)
+            .map_or("", String::as_str)
+    }
+
+    /// A client on the current member. With credentials, connecting
+    /// authenticates there (within `limit`), so this fails while the member
+    /// cannot be reached.
+    async fn client(&mut self, limit: Duration) -> Result<Client, EtcdError> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let one = EtcdAccess {
+            endpoints: vec![self.current().to_owned()],
+            ..self.access.clone()
+        };
+        let client = tokio::time::timeout(limit, connect(&one))
+            .await
+            .map_err(|_| EtcdError::Timeout(limit))??;
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// The next session goes to the next member (with one, to it again, on
+    /// the same client).
+    fn move_on(&mut self) {
+        if self.access.endpoints.len() > 1 {
+            self.at = (self.at + 1) % self.access.endpoints.len();
+            self.client = None;
         }
     }
 }
@@ -798,6 +876,27 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_session_moves_through_every_member_in_turn() {
+        let endpoints: Vec<String> = (1..=3).map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let access = EtcdAccess::new(endpoints.clone());
+        let mut members = MemberCursor::new(&access);
+        let mut visited = vec![members.current().to_owned()];
+        for _ in 0..3 {
+            members.move_on();
+            visited.push(members.current().to_owned());
+        }
+        assert_eq!(visited[3], visited[0], "back to the first after a round");
+        visited.truncate(3);
+        visited.sort();
+        assert_eq!(visited, endpoints, "each member once a round");
+
+        let lone = EtcdAccess::new(vec!["http://127.0.0.1:1".into()]);
+        let mut members = MemberCursor::new(&lone);
+        members.move_on();
+        assert_eq!(members.current(), "http://127.0.0.1:1");
+    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

@@ -75,10 +75,7 @@ pub fn spawn_key_watch(
     };
     let task = tokio::spawn(async move {
         let prefix = follower.prefix.clone();
-        let Some(client) = etcd::connect_until(&access, &cancel).await else {
-            return;
-        };
-        etcd::follow(client, &prefix, None, settings, &follower, &cancel).await;
+        etcd::follow(&access, &prefix, None, settings, &follower, &cancel).await;
     });
     (task, receiver)
 }

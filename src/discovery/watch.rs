@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use etcd_client::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::etcd::{self, Follower, Kv, KvChange, Position, Relist};
@@ -12,7 +11,6 @@ use super::EtcdConfig;
 
 /// Starts the watch task; it runs until `cancel`.
 pub fn spawn_watch(
-    client: Client,
     table: Arc<ServiceTable>,
     config: EtcdConfig,
     cancel: CancellationToken,
@@ -21,7 +19,15 @@ pub fn spawn_watch(
         let prefix = table.prefix().to_owned();
         // Reserved names (`_policies/`, ...) are never services: not listed
         // here, and their events not handed over.
-        etcd::follow(client, &prefix, Some("_"), config.follow, &*table, &cancel).await;
+        etcd::follow(
+            &config.access,
+            &prefix,
+            Some("_"),
+            config.follow,
+            &*table,
+            &cancel,
+        )
+        .await;
     })
 }
 

@@ -161,7 +161,6 @@ async fn a_watch_resumed_from_a_compacted_revision_resets_to_exactly_the_right_s
 
     let cancel = CancellationToken::new();
     let task = spawn_watch(
-        client(&etcd).await,
         table.clone(),
         EtcdConfig::new(etcd.endpoints(), PREFIX),
         cancel.clone(),
@@ -456,11 +455,22 @@ async fn a_frozen_member_is_left_for_another_and_nothing_written_meanwhile_is_mi
         ))
         .await
         .unwrap();
+    // A put forwarded to a frozen leader waits out etcd's own request
+    // timeout (about 6 s here): give each attempt 1 s, so the put lands
+    // soon after the two left elect a leader, well within the wait below.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while c.put(key("echo", "127.0.0.1:7"), "", None).await.is_err() {
+    loop {
+        let put = c.put(key("echo", "127.0.0.1:7"), "", None);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), put).await {
+            break;
+        }
         assert!(Instant::now() < deadline, "no write through member {other}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "put through member {other} {:?} after the freeze",
+        frozen_at.elapsed()
+    );
     // etcd's client would notice the frozen member only when its HTTP/2
     // keep-alive gives up (10 s + 5 s); the progress requests, well before.
     d.wait_for(
