@@ -131,6 +131,12 @@ impl EtcdAccess {
 /// request requires a leader: a member cut off from its quorum refuses
 /// (and cancels its watches) rather than serve a view frozen in the past.
 pub async fn connect(access: &EtcdAccess) -> Result<Client, EtcdError> {
+    connect_to(access, &access.endpoints).await
+}
+
+/// [`connect`] on `endpoints`, some of `access`'s (the TLS settings are
+/// those of the whole list).
+async fn connect_to(access: &EtcdAccess, endpoints: &[String]) -> Result<Client, EtcdError> {
     let mut options = etcd_client::ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
@@ -147,7 +153,7 @@ pub async fn connect(access: &EtcdAccess) -> Result<Client, EtcdError> {
             .with_user(user.clone(), access.password()?)
             .with_auto_token_refresh(true);
     }
-    Client::connect(&access.endpoints, Some(options))
+    Client::connect(endpoints, Some(options))
         .await
         .map_err(|err| {
             // A refused handshake shows as a lost connection, not as TLS.
@@ -176,11 +182,7 @@ pub async fn connect_answering(access: &EtcdAccess) -> Result<Client, EtcdError>
     }
     let mut last = None;
     for endpoint in &access.endpoints {
-        let one = EtcdAccess {
-            endpoints: vec![endpoint.clone()],
-            ..access.clone()
-        };
-        match connect(&one).await {
+        match connect_to(access, std::slice::from_ref(endpoint)).await {
             Ok(mut client) => match bounded(Duration::from_secs(3), client.status()).await {
                 Ok(_) => return Ok(client),
                 Err(err) => last = Some(err),
@@ -394,7 +396,8 @@ pub trait Follower: Send + Sync {
 /// How a follower's sessions are run.
 #[derive(Clone, Copy, Debug)]
 pub struct FollowSettings {
-    /// Bound on every unary request (the probe, each listing page).
+    /// Bound on every request of a session: connecting (with credentials,
+    /// authenticating), the probe, each listing page, creating the watch.
     pub request_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -447,7 +450,7 @@ enum Never {}
 /// (reserved names another follower reads).
 ///
 /// Each session talks to one member of `access`'s endpoints and a failed
-/// one moves to the next (see [`MemberCursor`]).
+/// one moves to the next (see `MemberCursor`).
 pub async fn follow<F: Follower>(
     access: &EtcdAccess,
     prefix: &str,
@@ -479,11 +482,6 @@ pub async fn follow<F: Follower>(
             Err(err) => err,
         };
         follower.watching(false);
-        if let WatchError::Etcd(err @ EtcdError::Access(_)) = &err {
-            tracing::error!(prefix, cause = %err, "etcd settings unusable; not following");
-            cancel.cancelled().await;
-            return;
-        }
         let member = members.current().to_owned();
         let delay = if let WatchError::Compacted { .. } = err {
             // The history we would resume from is gone, on every member:
@@ -495,7 +493,14 @@ pub async fn follow<F: Follower>(
             members.move_on();
             backoff.next_delay()
         };
-        tracing::warn!(prefix, member, next = members.current(), cause = %crate::errors::chain(&err), retry_in = ?delay, "etcd watch session ended; resuming");
+        let cause = crate::errors::chain(&err);
+        let next = members.current();
+        if let WatchError::Etcd(EtcdError::Access(_)) = err {
+            // Checked at start: a file of the settings went missing since.
+            tracing::error!(prefix, member, next, %cause, retry_in = ?delay, "etcd settings unusable; trying again");
+        } else {
+            tracing::warn!(prefix, member, next, %cause, retry_in = ?delay, "etcd watch session ended; resuming");
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -514,10 +519,12 @@ pub async fn follow<F: Follower>(
 /// has no leader) moves to the next, and a whole session's probe, listing
 /// and watch are answered by the same member. The first member is picked
 /// at random, so a fleet of gateways spreads its watches over the cluster.
+/// Each member's client is kept for when the turn comes back to it (with
+/// credentials, connecting authenticates: once per member, not per session).
 struct MemberCursor<'a> {
     access: &'a EtcdAccess,
     at: usize,
-    client: Option<Client>,
+    clients: Vec<Option<Client>>,
 }
 
 impl<'a> MemberCursor<'a> {
@@ -526,7 +533,7 @@ impl<'a> MemberCursor<'a> {
         MemberCursor {
             access,
             at: rand::random_range(0..members),
-            client: None,
+            clients: vec![None; members],
         }
     }
 
@@ -542,27 +549,21 @@ impl<'a> MemberCursor<'a> {
     /// authenticates there (within `limit`), so this fails while the member
     /// cannot be reached.
     async fn client(&mut self, limit: Duration) -> Result<Client, EtcdError> {
-        if let Some(client) = &self.client {
+        if let Some(client) = &self.clients[self.at] {
             return Ok(client.clone());
         }
-        let one = EtcdAccess {
-            endpoints: vec![self.current().to_owned()],
-            ..self.access.clone()
-        };
-        let client = tokio::time::timeout(limit, connect(&one))
+        let member = self.access.endpoints.get(self.at).cloned();
+        let connecting = connect_to(self.access, member.as_slice());
+        let client = tokio::time::timeout(limit, connecting)
             .await
             .map_err(|_| EtcdError::Timeout(limit))??;
-        self.client = Some(client.clone());
+        self.clients[self.at] = Some(client.clone());
         Ok(client)
     }
 
-    /// The next session goes to the next member (with one, to it again, on
-    /// the same client).
+    /// The next session goes to the next member (with one, to it again).
     fn move_on(&mut self) {
-        if self.access.endpoints.len() > 1 {
-            self.at = (self.at + 1) % self.access.endpoints.len();
-            self.client = None;
-        }
+        self.at = (self.at + 1) % self.clients.len();
     }
 }
 

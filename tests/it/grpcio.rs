@@ -158,13 +158,24 @@ async fn a_backend_limited_to_10_streams_does_not_hold_up_a_plain_call() {
     while started.load(Ordering::Relaxed) < 100 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // all 100 reach the backend
-                                                          // Another client (its own connection: the gateway gives each client
-                                                          // connection 100 streams, and the long calls hold them).
+    let admin = env.gateway().admin_addr;
+    eventually(
+        "all 100 long calls sent to the backend",
+        Duration::from_secs(10),
+        || async move {
+            let (_, m) = admin_get(admin, "/metrics").await;
+            m.lines()
+                .any(|l| l.starts_with("weir_backend_active_requests{") && l.ends_with(" 100"))
+        },
+    )
+    .await;
+    // Another client (its own connection: the gateway gives each client
+    // connection 100 streams, and the long calls hold them). Queued behind
+    // them, it would wait their 4 s.
     let mut c = EchoClient::new(channel(&env).await);
     let began = Instant::now();
     let mut plain = Request::new(req("plain"));
-    plain.set_timeout(Duration::from_secs(1));
+    plain.set_timeout(Duration::from_secs(3));
     let answer = c.unary(plain).await;
     let took = began.elapsed();
     assert!(

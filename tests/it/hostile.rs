@@ -225,9 +225,11 @@ fn p99(mut took: Vec<Duration>) -> Duration {
 }
 
 /// "Within 2x of a quiet run", with a floor for a shared, noisy machine: a
-/// stall (what these tests guard against) lasts seconds, noise milliseconds.
+/// stall (what these tests guard against) lasts seconds, noise (another
+/// test's compile or interpreter start on the same two cores) up to a few
+/// hundred milliseconds.
 fn within_twice(quiet: Duration, busy: Duration) -> bool {
-    busy <= quiet * 2 + Duration::from_millis(50)
+    busy <= quiet * 2 + Duration::from_millis(250)
 }
 
 /// Regression: a client that opens server streams and never reads filled

@@ -227,8 +227,8 @@ fn the_sandbox_cuts_off_loops_memory_bombs_and_traps_and_the_next_pick_works() {
         assert!(err.contains(expect), "{misdeed}: {err}");
         if misdeed == "loop" {
             assert!(
-                began.elapsed() < Duration::from_millis(50),
-                "cut off near the 1 ms deadline: {:?}",
+                began.elapsed() < Duration::from_millis(200),
+                "cut off near the 1 ms deadline (within a few ms; a preempted test thread adds more), not left to run: {:?}",
                 began.elapsed()
             );
         }
