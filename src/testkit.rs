@@ -160,17 +160,13 @@ impl Etcd {
         let stopped: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].child.is_none())
             .collect();
-        for &i in &stopped {
-            self.spawn_member(i, "existing");
-        }
-        if let Err(why) = self.wait_healthy(&stopped, Duration::from_secs(30)) {
+        if let Err(why) = self.respawn(&stopped, "existing") {
             panic!("etcd did not restart: {why}");
         }
     }
 
     pub fn restart_member(&mut self, member: usize) {
-        self.spawn_member(member, "existing");
-        if let Err(why) = self.wait_healthy(&[member], Duration::from_secs(30)) {
+        if let Err(why) = self.respawn(&[member], "existing") {
             panic!("etcd member {member} did not restart: {why}");
         }
     }
@@ -183,10 +179,7 @@ impl Etcd {
             let _may_not_exist = std::fs::remove_dir_all(self.dir.path().join(&m.name));
         }
         let all: Vec<usize> = (0..self.members.len()).collect();
-        for &i in &all {
-            self.spawn_member(i, "new");
-        }
-        if let Err(why) = self.wait_healthy(&all, Duration::from_secs(30)) {
+        if let Err(why) = self.respawn(&all, "new") {
             panic!("etcd did not start after the wipe: {why}");
         }
     }
@@ -290,6 +283,35 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
+    /// Starts `members` again on their own ports and waits until they are
+    /// healthy. While a member was down, another process may have drawn one
+    /// of its ports from the ephemeral range for a connection: a member that
+    /// cannot bind is started again a moment later (a few times).
+    fn respawn(&mut self, members: &[usize], state: &str) -> Result<(), String> {
+        for &i in members {
+            self.spawn_member(i, state);
+        }
+        let mut retries = 0;
+        loop {
+            match self.wait_healthy(members, Duration::from_secs(30)) {
+                Err(why) if retries < 5 && why.contains("address already in use") => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                    for &i in members {
+                        let exited = self.members[i]
+                            .child
+                            .as_mut()
+                            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+                        if exited {
+                            self.spawn_member(i, state);
+                        }
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
     fn wait_healthy(&mut self, members: &[usize], limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         for &i in members {
@@ -389,4 +411,25 @@ pub async fn http_request(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_whose_port_was_taken_while_down_restarts_once_it_is_free() {
+        let mut etcd = Etcd::start();
+        etcd.stop_member(0);
+        // As a connection drawing the port from the ephemeral range would.
+        let taken = TcpListener::bind(("127.0.0.1", etcd.members[0].client_port))
+            .expect("the stopped member's port is free");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(taken);
+        });
+        etcd.restart_member(0);
+        release.join().unwrap();
+        assert!(health_ok(etcd.members[0].metrics_port));
+    }
 }
