@@ -165,7 +165,8 @@ pub struct RolloutSection {
     #[serde(default = "defaults::max_error_rate_increase")]
     pub max_error_rate_increase: f64,
     /// Roll back when the candidate's p99 exceeds the current's by more
-    /// than this fraction (0.5: half again).
+    /// than this fraction (0.5: half again), beyond chance (see
+    /// `policy::rollout::judge`).
     #[serde(default = "defaults::max_p99_increase")]
     pub max_p99_increase: f64,
     /// Calls the candidate must place in the window before it is judged.

@@ -121,6 +121,17 @@ impl ArmSnapshot {
         }
     }
 
+    /// Calls certainly slower than `ms`: those in buckets wholly above it.
+    pub fn calls_slower_than_ms(&self, ms: f64) -> u64 {
+        let us = ms * 1000.0;
+        self.latency
+            .iter()
+            .enumerate()
+            .filter(|&(b, _)| b > 0 && upper_us(b - 1) as f64 >= us)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// The latency below which a fraction `q` of calls ended, in ms: the
     /// upper bound of the bucket it falls in (so within 12.5 %).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
