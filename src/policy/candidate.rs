@@ -121,13 +121,13 @@ impl ArmSnapshot {
         }
     }
 
-    /// Calls certainly slower than `ms`: those in buckets wholly above it.
-    pub fn calls_slower_than_ms(&self, ms: f64) -> u64 {
-        let us = ms * 1000.0;
+    /// Calls that took `us` or longer, certainly: those in buckets that
+    /// start at `us` or above.
+    pub fn calls_from_us(&self, us: u64) -> u64 {
         self.latency
             .iter()
             .enumerate()
-            .filter(|&(b, _)| b > 0 && upper_us(b - 1) as f64 >= us)
+            .filter(|&(b, _)| b > 0 && upper_us(b - 1) >= us)
             .map(|(_, n)| n)
             .sum()
     }
@@ -135,6 +135,11 @@ impl ArmSnapshot {
     /// The latency below which a fraction `q` of calls ended, in ms: the
     /// upper bound of the bucket it falls in (so within 12.5 %).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        self.quantile_us(q).map(|us| us as f64 / 1000.0)
+    }
+
+    /// [`ArmSnapshot::quantile_ms`] in µs.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
         let total: u64 = self.latency.iter().sum();
         if total == 0 {
             return None;
@@ -144,7 +149,7 @@ impl ArmSnapshot {
         for (b, n) in self.latency.iter().enumerate() {
             seen += n;
             if seen >= rank {
-                return Some(upper_us(b) as f64 / 1000.0);
+                return Some(upper_us(b));
             }
         }
         None
@@ -288,5 +293,20 @@ mod tests {
             assert!(high - low <= (low / 8).max(1), "[{low}, {high}) too wide");
         }
         assert_eq!(ArmSnapshot::default().quantile_ms(0.5), None);
+    }
+
+    #[test]
+    fn calls_from_a_line_are_those_of_buckets_starting_at_it_or_above() {
+        let stats = ArmStats::default();
+        // Buckets [2048, 2304), [2304, 2560), [2560, 2816).
+        for us in [2100, 2303, 2304, 2400, 2600] {
+            stats.record(0, us);
+        }
+        let arm = stats.snapshot();
+        assert_eq!(arm.calls_from_us(2304), 3, "a line on a boundary");
+        assert_eq!(arm.calls_from_us(2305), 1, "a line inside a bucket");
+        assert_eq!(arm.calls_from_us(2048), 5);
+        assert_eq!(arm.calls_from_us(1), 5);
+        assert_eq!(arm.quantile_us(0.5), Some(2560));
     }
 }

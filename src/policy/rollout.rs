@@ -449,34 +449,44 @@ pub fn judge(
     if candidate.calls < p99_calls || current.calls < p99_calls {
         return None;
     }
-    let cur_p99 = current.quantile_ms(0.99)?;
-    let line = cur_p99 * (1.0 + guards.max_p99_increase);
-    let slower = candidate.calls_slower_than_ms(line);
+    // The line: the current's p99 (a bucket's upper bound) raised by the
+    // allowed fraction; calls at or over it are those of buckets starting
+    // at or above it, so the guard acts at +0 to +12.5 % more than asked.
+    let cur_p99_us = current.quantile_us(0.99)?;
+    let line_us = (cur_p99_us as f64 * (1.0 + guards.max_p99_increase)).ceil() as u64;
+    let over = candidate.calls_from_us(line_us);
     if slower_than_chance(
-        slower,
+        over,
         candidate.calls,
-        current.calls_slower_than_ms(line),
+        current.calls_from_us(line_us),
         current.calls,
     ) {
-        let cand_p99 = candidate.quantile_ms(0.99).unwrap_or(line);
+        let ms = |us: u64| us as f64 / 1000.0;
+        let cand_p99 = candidate.quantile_us(0.99).unwrap_or(line_us);
         return Some(format!(
-            "p99 {cand_p99:.1} ms against the current's {cur_p99:.1} ms (guard: +{:.0}%; {slower} of {} calls slower than {line:.1} ms)",
+            "p99 {:.1} ms against the current's {:.1} ms (guard: +{:.0}%; {over} of {} calls at {:.1} ms or more)",
+            ms(cand_p99),
+            ms(cur_p99_us),
             guards.max_p99_increase * 100.0,
             candidate.calls,
+            ms(line_us),
         ));
     }
     None
 }
 
 /// The candidate's p99 is over the line — more than 1 % of its calls are
-/// slower — and more of its calls are than of the current's by more than
-/// chance: three standard errors of the difference of the two shares.
+/// — and more of its calls are than of the current's by more than chance:
+/// three standard errors of the difference of the two shares.
 ///
-/// Two p99s of a few thousand calls of one distribution differ by half
-/// by chance, more so on a busy host (the same code, canary against
-/// current: 2.0 ms against 1.5 ms seen, and rolled back). A burst of slow
-/// calls lands on both versions alike, so the current's share above the
-/// same line is the yardstick.
+/// Two p99s of a thousand calls of one distribution differ by half by
+/// chance, more so on a busy host (the same code, canary against current:
+/// 2.0 ms against 1.5 ms seen, and rolled back). A burst of slow calls
+/// lands on both versions alike, so the current's share over the same
+/// line is the yardstick. The price: a window of a few hundred calls
+/// catches only a large regression (every call 2x slower: about half the
+/// looks at 500 calls each, most at 1,000); the guard looks every second,
+/// and a window fills.
 fn slower_than_chance(cand_slower: u64, cand_calls: u64, cur_slower: u64, cur_calls: u64) -> bool {
     let (n_c, n_k) = (cand_calls as f64, cur_calls as f64);
     let (p_c, p_k) = (cand_slower as f64 / n_c, cur_slower as f64 / n_k);
@@ -652,11 +662,49 @@ mod tests {
         let tail = arm(&[(900, 0.4), (100, 2.0)]);
         let why = judge(&guards(), &current, &tail, 0, false).expect("rolled back");
         assert!(
-            why.starts_with("p99 2.0 ms against the current's 0.4 ms"),
+            why.starts_with(
+                "p99 2.0 ms against the current's 0.4 ms (guard: +50%; 100 of 1000 calls at 0.6 ms or more)"
+            ),
             "{why}"
         );
         let throughout = arm(&[(1000, 0.9)]);
         assert!(judge(&guards(), &current, &throughout, 0, false).is_some());
+    }
+
+    #[test]
+    fn the_margin_is_three_standard_errors_of_the_two_shares() {
+        // 0 of 1,000 over the line for the current: the candidate's share
+        // must pass 3 SE of the pooled difference (11 of 1,000 do, 10 not:
+        // 1 % is not over 1 %).
+        let current = arm(&[(1000, 0.4)]);
+        assert_eq!(
+            judge(
+                &guards(),
+                &current,
+                &arm(&[(990, 0.4), (10, 2.0)]),
+                0,
+                false
+            ),
+            None
+        );
+        assert!(judge(
+            &guards(),
+            &current,
+            &arm(&[(989, 0.4), (11, 2.0)]),
+            0,
+            false
+        )
+        .is_some());
+        // Unequal arms (a 10 % canary): 5 of 4,500 for the current. 5 of
+        // the candidate's 500 are past chance but only 1 %: its p99 is not
+        // over the line. 6 are.
+        let current = arm(&[(4495, 0.4), (5, 2.0)]);
+        assert_eq!(
+            judge(&guards(), &current, &arm(&[(495, 0.4), (5, 2.0)]), 0, false),
+            None,
+            "5 of 500: its p99 is within the line"
+        );
+        assert!(judge(&guards(), &current, &arm(&[(494, 0.4), (6, 2.0)]), 0, false).is_some());
     }
 
     #[test]
