@@ -14,7 +14,7 @@ use weir::example::pb::echo_client::EchoClient;
 use weir::example::pb::EchoRequest;
 
 use crate::support::eventually;
-use crate::support::gateway::{admin_get, req, Env};
+use crate::support::gateway::{admin_get, req, wait_active_requests, Env};
 use crate::support::grpcio::GrpcioBackend;
 
 async fn channel(env: &Env) -> Channel {
@@ -158,15 +158,10 @@ async fn a_backend_limited_to_10_streams_does_not_hold_up_a_plain_call() {
     while started.load(Ordering::Relaxed) < 100 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let admin = env.gateway().admin_addr;
-    eventually(
+    wait_active_requests(
+        env.gateway().admin_addr,
+        100,
         "all 100 long calls sent to the backend",
-        Duration::from_secs(10),
-        || async move {
-            let (_, m) = admin_get(admin, "/metrics").await;
-            m.lines()
-                .any(|l| l.starts_with("weir_backend_active_requests{") && l.ends_with(" 100"))
-        },
     )
     .await;
     // Another client (its own connection: the gateway gives each client

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tonic::Request;
 use weir::example::pb::EchoRequest;
 
-use crate::support::gateway::{admin_get, encode, frame, raw_call, req, Env};
+use crate::support::gateway::{admin_get, encode, frame, raw_call, req, wait_active_requests, Env};
 use crate::support::{client, eventually, key, PREFIX};
 
 const ROUTE: &str = "[[route]]\nmatch = \"/weir.example.v1.Echo/\"\nservice = \"echo\"\n";
@@ -257,17 +257,7 @@ async fn a_slow_reader_does_not_stall_other_clients() {
     }
     // The hog's streams are open upstream (their windows filling) before
     // the other client starts.
-    let admin = env.gateway().admin_addr;
-    eventually(
-        "8 unread streams upstream",
-        Duration::from_secs(10),
-        || async move {
-            let (_, m) = admin_get(admin, "/metrics").await;
-            m.lines()
-                .any(|l| l.starts_with("weir_backend_active_requests{") && l.ends_with(" 8"))
-        },
-    )
-    .await;
+    wait_active_requests(env.gateway().admin_addr, 8, "8 unread streams upstream").await;
     let busy = p99(timed_calls(&mut c, 100, "beside the slow reader").await);
     eprintln!("p99 quiet {quiet:?}, beside the slow reader {busy:?}");
     assert!(

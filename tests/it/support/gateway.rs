@@ -130,6 +130,21 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
         .expect("admin listener")
 }
 
+/// Waits (up to 10 s) until some backend has `n` calls in flight from the
+/// gateway (`weir_backend_active_requests`).
+pub async fn wait_active_requests(admin: std::net::SocketAddr, n: u64, what: &str) {
+    let line_end = format!(" {n}");
+    super::eventually(what, Duration::from_secs(10), || {
+        let line_end = line_end.clone();
+        async move {
+            let (_, m) = admin_get(admin, "/metrics").await;
+            m.lines()
+                .any(|l| l.starts_with("weir_backend_active_requests{") && l.ends_with(&line_end))
+        }
+    })
+    .await;
+}
+
 /// What a raw call saw.
 #[derive(Debug)]
 pub struct RawReply {
